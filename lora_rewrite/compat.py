@@ -1,0 +1,218 @@
+"""The one home of torch-internal imports (torch 2.11 through 2.15).
+
+Everything underscored that lora_rewrite touches is imported here, so a torch release that moves
+something breaks this file and nothing else. Each helper says which versions differ and how.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+# --- Inductor entry points ------------------------------------------------------------------------
+
+def compile_fx(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, config_patches: dict,
+               inner_compile: Callable | None = None):
+    """Inductor's public-ish top-level compiler; same signature in 2.11, 2.13 and 2.15."""
+    from torch._inductor.compile_fx import compile_fx as _compile_fx
+
+    if inner_compile is None:
+        return _compile_fx(gm, example_inputs, config_patches=config_patches)
+    return _compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=config_patches)
+
+
+def eager_inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any):
+    """An Inductor `inner_compile` that generates no code: the partitioned graph runs op by op.
+
+    Inductor's decompositions, joint-graph passes (ours included) and min-cut partitioner still run,
+    so the graphs are exactly those Inductor would compile. Used by the `codegen=False` option.
+    """
+    from functorch.compile import make_boxed_func
+
+    return make_boxed_func(gm.forward)
+
+
+def inductor_config():
+    import torch._inductor.config as config
+
+    return config
+
+
+def inductor_config_keys() -> set[str]:
+    return set(inductor_config().get_config_copy().keys())
+
+
+def mode_config_patches(mode: str | None) -> dict:
+    """What `torch.compile(mode=...)` would set for Inductor (`list_mode_options` exists 2.11-2.15)."""
+    if mode is None or mode == "default":
+        return {}
+    return dict(torch._inductor.list_mode_options(mode, None))
+
+
+def custom_graph_pass_base():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    return CustomGraphPass
+
+
+def existing_passes(value: Any) -> tuple:
+    """A config slot's passes as a tuple: 2.11 holds one callable, 2.13+ a callable or a list."""
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return (value,)
+
+
+def stable_topological_sort(graph: torch.fx.Graph) -> None:
+    from torch._inductor.pattern_matcher import stable_topological_sort as _sort
+
+    _sort(graph)
+
+
+# --- fake tensors and symbolic shapes -------------------------------------------------------------
+
+def detect_fake_mode(values: Sequence[Any]):
+    from torch._guards import detect_fake_mode as _detect
+
+    return _detect(list(values))
+
+
+def unset_fake_temporarily():
+    from torch._subclasses.fake_tensor import unset_fake_temporarily as _unset
+
+    return _unset()
+
+
+def is_symbolic(value: Any) -> bool:
+    return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def statically_known_true(expr: Any) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true as _skt
+
+    return bool(_skt(expr))
+
+
+def size_hint(value: Any) -> int | None:
+    """A concrete value for a possibly symbolic int, adding no guard; None when none is known.
+
+    2.13+ have `optimization_hint`; 2.11 has `ShapeEnv.size_hint` (its module-level `size_hint`
+    helper was removed in 2.13). Unbacked symbols have no hint.
+    """
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, torch.SymInt):
+        return None
+    node = value.node
+    hint = getattr(node, "_hint", None)
+    if hint is not None:
+        return int(hint)
+    try:
+        from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+        return int(optimization_hint(value))
+    except ImportError:
+        pass
+    except Exception:
+        return None
+    try:
+        result = node.shape_env.size_hint(node.expr, allow_none=True)
+    except TypeError:
+        result = node.shape_env.size_hint(node.expr)
+    except Exception:
+        return None
+    if result is None:
+        return None
+    try:
+        return int(result)
+    except TypeError:
+        return None
+
+
+def guard_bool(expr: Any) -> bool:
+    """Evaluate a symbolic condition, recording a guard (Dynamo adds it to the frame's guards)."""
+    return bool(expr)
+
+
+def sym_expr(value: Any) -> str:
+    if isinstance(value, torch.SymInt):
+        return str(value.node.expr)
+    return str(value)
+
+
+# --- autograd / partitioner ----------------------------------------------------------------------
+
+def must_recompute_policy():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_RECOMPUTE
+
+
+# --- dynamo -----------------------------------------------------------------------------------------
+
+def dynamo_counters():
+    from torch._dynamo.utils import counters
+
+    return counters
+
+
+def registered_backend_names() -> set[str]:
+    from torch._dynamo.backends import registry
+
+    return set(registry._COMPILER_FNS)
+
+
+def register_backend(name: str, fn: Callable) -> None:
+    from torch._dynamo.backends.registry import register_backend as _register
+
+    _register(compiler_fn=fn, name=name)
+
+
+def compile_id() -> str | None:
+    """The `[frame/attempt]` id of the compile in progress, as TORCH_LOGS prints it."""
+    try:
+        from torch._guards import CompileContext
+
+        cid = CompileContext.current_compile_id()
+        return None if cid is None else str(cid)
+    except Exception:
+        return None
+
+
+# --- structured trace (tlparse) ---------------------------------------------------------------------
+
+def trace_artifact(name: str, payload_fn: Callable[[], str], encoding: str = "string") -> None:
+    from torch._logging import trace_structured
+
+    trace_structured(
+        "artifact",
+        metadata_fn=lambda: {"name": name, "encoding": encoding},
+        payload_fn=payload_fn,
+    )
+
+
+@contextlib.contextmanager
+def fresh_compile_caches() -> Iterator[None]:
+    """Turn Inductor's and AOTAutograd's on-disk and in-memory compile caches off for a block."""
+    config = inductor_config()
+    patches = {}
+    for key in ("force_disable_caches", "fx_graph_cache", "autotune_local_cache"):
+        if hasattr(config, key):
+            patches[key] = key == "force_disable_caches"
+    with config.patch(patches):
+        import torch._functorch.config as functorch_config
+
+        with functorch_config.patch(enable_autograd_cache=False):
+            yield

@@ -1,0 +1,69 @@
+"""Choosing a site's forward and backward variant: the cost criteria.
+
+- "flops" (default, the paper's): fewest matmul FLOPs by Table 1, forward and backward chosen
+  independently, ties to the lower-numbered variant.
+- "roofline": every product of the variant costs max(FLOPs / peak rate, bytes / memory bandwidth)
+  on the site's device and dtype; the variant with the smallest sum wins. This counts what FLOPs
+  miss: at LoRA ranks the rank-sized products are bandwidth-bound, so reading X or dY once more can
+  cost more than a large product (see `lora_rewrite.hardware`).
+- "time": each legal variant is run on random tensors of the site's exact shape, dtype and device
+  and timed (`lora_rewrite.timing`); the fastest wins. Results are cached per shape.
+
+Costs are linear in the token count N. When N is symbolic (dynamic shapes) it is first turned into a
+concrete number by the site's `dynamic_policy` (see `Site.n_for_choice` in passes/match.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from lora_rewrite.variants import Dims, Variant
+
+CRITERIA = ("flops", "roofline", "time")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The variant picked for one stage of one site, with every candidate's cost for the report."""
+
+    variant: Variant
+    costs: dict = field(default_factory=dict)   # variant name -> cost in the criterion's unit
+    unit: str = "FLOPs"
+    forced: bool = False
+    note: str = ""
+
+
+def flops_cost(variant: Variant, dims: Dims, **_) -> float:
+    return float(variant.flops(dims))
+
+
+def roofline_cost(variant: Variant, dims: Dims, *, dtype=None, device=None, **_) -> float:
+    from lora_rewrite.hardware import roofline_seconds
+
+    return roofline_seconds(variant.gemms(dims), dtype=dtype, device=device)
+
+
+def time_cost(variant: Variant, dims: Dims, *, dtype=None, device=None, stage: str = "", **_) -> float:
+    from lora_rewrite.timing import measured_seconds
+
+    return measured_seconds(variant, dims, dtype=dtype, device=device, stage=stage)
+
+
+COST_FUNCTIONS: dict[str, Callable[..., float]] = {
+    "flops": flops_cost,
+    "roofline": roofline_cost,
+    "time": time_cost,
+}
+UNITS = {"flops": "FLOPs", "roofline": "s (model)", "time": "s (measured)"}
+
+
+def choose(candidates: Sequence[Variant], dims: Dims, criterion: str, *, dtype=None, device=None,
+           stage: str = "") -> Choice:
+    """The cheapest of the legal `candidates` by `criterion`; ties go to the earlier one."""
+    if not candidates:
+        raise ValueError("no legal variant to choose from")
+    cost_of = COST_FUNCTIONS[criterion]
+    costs = {v.name: cost_of(v, dims, dtype=dtype, device=device, stage=stage) for v in candidates}
+    best = min(candidates, key=lambda v: (costs[v.name], candidates.index(v)))
+    return Choice(best, costs, UNITS[criterion])

@@ -1,0 +1,174 @@
+"""The one home of runlora's debug output: logger, counters, per-graph reports, dumps.
+
+- Logger `lora_rewrite` (so `TORCH_LOGS="+lora_rewrite"` shows it, with the compile id). Every graph
+  logs one DEBUG line per site (what matched, what was chosen and why) and one per skipped chain.
+  With `options={"debug": True}` (or RUNLORA_DEBUG=1) the whole report table is logged at INFO and a
+  stderr handler is attached if nothing else shows the logger's records.
+- Counters in `torch._dynamo.utils.counters["runlora"]`: graphs, sites_found, sites_rewritten,
+  backward_rewritten, sites_skipped, and chose_<variant> per chosen variant.
+- `GraphReport` / `SiteReport` / `SkipReport`: what `lora_rewrite.explain` returns, printable as a
+  table and convertible to plain dicts / JSON.
+
+Nothing here runs on a compile-cache hit: the pass itself does not run then (see the README).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+log = logging.getLogger("lora_rewrite")
+
+_collectors: list[list["GraphReport"]] = []
+
+
+@dataclass
+class SiteReport:
+    module: str
+    adapter: str | None
+    N: Any                      # an int, or the symbolic expression as a string
+    N_used: int | None          # the number the choice was made for (the size hint when N is symbolic)
+    i: int
+    o: int
+    r: int
+    scale: Any
+    dropout: bool
+    dtype: str
+    needs_dx: bool
+    dx_mode: str | None         # "total", "lora" or None (no input gradient)
+    forward: str
+    backward: str | None        # None: the backward was not rewritten (see notes)
+    criterion: str
+    forward_costs: dict = field(default_factory=dict)
+    backward_costs: dict = field(default_factory=dict)
+    cost_unit: str = "FLOPs"
+    flops_before: int | None = None
+    flops_after: int | None = None
+    saved_bytes_avoided: int | None = None   # bytes of X·Aᵀ no longer saved for backward
+    notes: list = field(default_factory=list)
+    module_key: str | None = None            # Dynamo's key of the module (its id): explain() resolves it
+
+    def line(self) -> str:
+        bwd = self.backward or "-"
+        flops = ""
+        if self.flops_before is not None and self.flops_after is not None:
+            flops = f" flops {self.flops_before:,} -> {self.flops_after:,}"
+        saved = f" unsaved {self.saved_bytes_avoided:,}B" if self.saved_bytes_avoided else ""
+        notes = f" ({'; '.join(self.notes)})" if self.notes else ""
+        return (f"{self.module}: N={self.N} i={self.i} o={self.o} r={self.r} s={self.scale} "
+                f"dropout={'yes' if self.dropout else 'no'} {self.dtype} -> {self.forward}/{bwd}"
+                f"{flops}{saved}{notes}")
+
+
+@dataclass
+class SkipReport:
+    module: str
+    reason: str
+    module_key: str | None = None
+
+    def line(self) -> str:
+        return f"{self.module}: not rewritten: {self.reason}"
+
+
+@dataclass
+class GraphReport:
+    compile_id: str | None
+    kind: str                   # "joint" (training) or "inference"
+    criterion: str
+    sites: list[SiteReport] = field(default_factory=list)
+    skipped: list[SkipReport] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        head = (f"runlora graph {self.compile_id or '?'} ({self.kind}): {len(self.sites)} site(s) rewritten, "
+                f"{len(self.skipped)} left untouched, criterion={self.criterion}")
+        rows = [["module", "N", "i→o", "r", "s", "drop", "dtype", "fwd", "bwd", "FLOPs before→after",
+                 "X·Aᵀ bytes unsaved"]]
+        for s in self.sites:
+            flops = "" if s.flops_before is None else f"{s.flops_before:,}→{s.flops_after:,}"
+            rows.append([s.module, str(s.N), f"{s.i}→{s.o}", str(s.r), _fmt_scale(s.scale),
+                         "yes" if s.dropout else "no", s.dtype, s.forward, s.backward or "-", flops,
+                         f"{s.saved_bytes_avoided:,}" if s.saved_bytes_avoided else "0"])
+        lines = [head] + _table(rows) if self.sites else [head]
+        for s in self.sites:
+            for note in s.notes:
+                lines.append(f"  note {s.module}: {note}")
+        for k in self.skipped:
+            lines.append(f"  untouched {k.module}: {k.reason}")
+        return "\n".join(lines)
+
+
+def _fmt_scale(s: Any) -> str:
+    return f"{s:g}" if isinstance(s, float) else str(s)
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    out = []
+    for k, r in enumerate(rows):
+        out.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+        if k == 0:
+            out.append("  " + "  ".join("-" * w for w in widths))
+    return out
+
+
+@contextlib.contextmanager
+def collect_reports() -> Iterator[list[GraphReport]]:
+    """Collect the reports of every graph the runlora pass processes inside the block."""
+    reports: list[GraphReport] = []
+    _collectors.append(reports)
+    try:
+        yield reports
+    finally:
+        _collectors.remove(reports)
+
+
+_stderr_handler: logging.Handler | None = None
+
+
+def _ensure_visible() -> None:
+    """With debug on, make INFO records of this logger reach stderr unless something already shows them."""
+    global _stderr_handler
+    if _stderr_handler is not None or log.handlers or (log.propagate and logging.getLogger().handlers):
+        if log.getEffectiveLevel() > logging.INFO:
+            log.setLevel(logging.INFO)
+        return
+    _stderr_handler = logging.StreamHandler(sys.stderr)
+    _stderr_handler.setFormatter(logging.Formatter("[lora_rewrite] %(message)s"))
+    log.addHandler(_stderr_handler)
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+
+
+def publish(report: GraphReport, *, debug: bool) -> None:
+    from lora_rewrite.compat import dynamo_counters
+
+    counters = dynamo_counters()["runlora"]
+    counters["graphs"] += 1
+    counters["sites_found"] += len(report.sites) + len(report.skipped)
+    counters["sites_rewritten"] += len(report.sites)
+    counters["sites_skipped"] += len(report.skipped)
+    for s in report.sites:
+        counters["backward_rewritten"] += s.backward is not None
+        counters[f"chose_{s.forward}"] += 1
+        if s.backward:
+            counters[f"chose_{s.backward}"] += 1
+    for c in _collectors:
+        c.append(report)
+    for s in report.sites:
+        log.debug("rewrote %s", s.line())
+    for k in report.skipped:
+        log.debug("%s", k.line())
+    if debug:
+        _ensure_visible()
+        log.info("%s", report)
+
+
+def dump_json(report: GraphReport) -> str:
+    return json.dumps(report.to_dict(), indent=2, default=str)

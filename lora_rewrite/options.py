@@ -1,0 +1,119 @@
+"""The options of the runlora backend: `torch.compile(model, backend="runlora", options={...})`.
+
+Keys (all optional):
+
+    criterion        "flops" (default) | "roofline" | "time" — how each site's variants are chosen
+    forward          force a forward variant by its paper name, e.g. "forward2"
+    backward         force a backward variant by its paper name, e.g. "backward5"
+    dynamic_policy   "hint" (default) | "guard" — how a symbolic token count N is decided on
+    codegen          True (default) | False — False runs the rewritten graphs op by op, without
+                     Inductor code generation (Inductor's decompositions, joint passes and
+                     partitioner still run): fast to compile, for tests and debugging
+    rewrite          True (default) | False — False compiles exactly like stock Inductor
+    debug            False (default) | True — log the per-graph report (env: RUNLORA_DEBUG=1)
+    dump_dir         a folder for graphs, reports and pictures (env: RUNLORA_DUMP_DIR)
+    inductor         a dict of Inductor config patches, as stock torch.compile's `options` takes
+
+Any other key that names an Inductor config entry is passed to Inductor as stock torch.compile
+would; anything else is a ValueError that lists the valid keys.
+
+A forced variant that is illegal at a site (forward2 under dropout, say) is not applied there: the
+site falls back to the criterion's choice and the report says so. Correctness first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from lora_rewrite.cost import CRITERIA
+from lora_rewrite.variants import BACKWARDS, FORWARDS, variant_names
+
+DYNAMIC_POLICIES = ("hint", "guard")
+ENV_DEBUG = "RUNLORA_DEBUG"
+ENV_DUMP_DIR = "RUNLORA_DUMP_DIR"
+
+
+def _truthy_env(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class RunLoraOptions:
+    criterion: str = "flops"
+    forward: str | None = None
+    backward: str | None = None
+    dynamic_policy: str = "hint"
+    codegen: bool = True
+    rewrite: bool = True
+    debug: bool = False
+    dump_dir: str | None = None
+    inductor: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check_choice("criterion", self.criterion, CRITERIA)
+        _check_choice("dynamic_policy", self.dynamic_policy, DYNAMIC_POLICIES)
+        if self.forward is not None:
+            _check_choice("forward", self.forward, variant_names(FORWARDS))
+        if self.backward is not None:
+            _check_choice("backward", self.backward, variant_names(BACKWARDS))
+        for key in ("codegen", "rewrite", "debug"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"runlora option {key!r} must be True or False, got {getattr(self, key)!r}")
+        if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
+            raise ValueError(f"runlora option 'dump_dir' must be a path, got {self.dump_dir!r}")
+        if not isinstance(self.inductor, Mapping):
+            raise ValueError(f"runlora option 'inductor' must be a dict of Inductor config entries, "
+                             f"got {self.inductor!r}")
+
+    def rewrite_key(self) -> str:
+        """Everything that changes the rewritten graph: part of the compile-cache key."""
+        return repr((self.rewrite, self.criterion, self.forward, self.backward, self.dynamic_policy,
+                     self.debug, str(self.dump_dir) if self.dump_dir else None))
+
+    @classmethod
+    def from_user(cls, options: Mapping[str, Any] | None) -> "RunLoraOptions":
+        """Validate a user's `options` dict; env variables fill `debug` and `dump_dir`."""
+        options = dict(options or {})
+        own = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        inductor_patches: dict[str, Any] = {}
+        unknown = []
+        inductor_keys = None
+        for key, value in options.items():
+            if key in own:
+                kwargs[key] = value
+                continue
+            if inductor_keys is None:
+                from lora_rewrite.compat import inductor_config_keys
+
+                inductor_keys = inductor_config_keys()
+            if key in inductor_keys:
+                inductor_patches[key] = value
+            else:
+                unknown.append(key)
+        if unknown:
+            raise ValueError(
+                f"unknown runlora option(s) {sorted(unknown)!r}; valid runlora options are "
+                f"{sorted(own)!r} (plus any Inductor config key, as stock torch.compile accepts)")
+        nested = kwargs.pop("inductor", {}) or {}
+        if not isinstance(nested, Mapping):
+            raise ValueError(f"runlora option 'inductor' must be a dict of Inductor config entries, got {nested!r}")
+        if nested:
+            from lora_rewrite.compat import inductor_config_keys
+
+            bad = sorted(set(nested) - inductor_config_keys())
+            if bad:
+                raise ValueError(f"unknown Inductor config key(s) {bad!r} in runlora option 'inductor'")
+        inductor_patches.update(nested)
+        kwargs.setdefault("debug", _truthy_env(ENV_DEBUG))
+        if os.environ.get(ENV_DUMP_DIR):
+            kwargs.setdefault("dump_dir", os.environ[ENV_DUMP_DIR])
+        return cls(inductor=inductor_patches, **kwargs)
+
+
+def _check_choice(key: str, value: Any, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"runlora option {key!r} must be one of {list(valid)!r}, got {value!r}")

@@ -1,0 +1,321 @@
+"""Every bracketing of one LoRA linear, forward and backward (RunLoRA: Cherniuk et al., §2, Table 1).
+
+Notation, in PEFT's layout (the paper writes the same with W, A, B transposed):
+
+    X[N,i]   tokens × in-features: the adapter's input (after dropout, when there is dropout)
+    W[o,i]   frozen base weight          A[r,i]  lora_A.weight        B[o,r]  lora_B.weight
+    s        scale (lora_alpha / r, or lora_alpha / √r with use_rslora)
+    dY[N,o]  gradient of the output Y = X·Wᵀ (+ bias) + s·(X·Aᵀ)·Bᵀ
+
+The gradients every backward computes:  dA = s·Bᵀ·dYᵀ·X,  dB = s·dYᵀ·X·Aᵀ,  dX = dY·W + s·dY·B·A.
+
+A variant is one function plus the list of matrix products it performs. The function computes its
+bracketing through an `ops` object, so the same code runs on real tensors (`EagerOps`: tests, the
+"time" criterion) and emits FX nodes into the joint graph (`lora_rewrite.passes.rewrite.GraphOps`).
+The product list is the cost formula: FLOPs are Σ 2·m·k·n (torch.utils.flop_counter's convention,
+matmuls only) and bytes are each product's operands read once and result written once. The scale is
+always folded into a rank-sized factor (s·B is o×r), never applied to an [N,o] or [N,i] tensor, and
+sums are accumulated inside the matmul (`addmm`) rather than by a separate pass.
+
+X·Aᵀ is never saved for backward: variants that need it in backward recompute it (`ops.recompute`
+tags it so the partitioner does not keep the forward's copy alive), and so does the merged weight
+W + s·B·A, which is o×i and would otherwise be held per layer.
+
+FORWARDS and BACKWARDS below are the one explicit, ordered list of variants; ties in a cost
+criterion go to the earlier (lower-numbered) entry, as in the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+aten = torch.ops.aten
+
+
+# --- the cost vocabulary ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Gemm:
+    """One matrix product [m,k]·[k,n] → [m,n]; `accumulate` adds it onto an existing [m,n] (addmm)."""
+
+    m: Any
+    k: Any
+    n: Any
+    what: str
+    accumulate: bool = False
+
+    def flops(self):
+        return 2 * self.m * self.k * self.n
+
+    def bytes(self, element_size: int):
+        result_passes = 2 if self.accumulate else 1  # addmm reads the accumulator it writes
+        return element_size * (self.m * self.k + self.k * self.n + result_passes * self.m * self.n)
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The shape of one LoRA site. N may be a torch.SymInt (dynamic shapes) or a plain int."""
+
+    N: Any
+    i: int
+    o: int
+    r: int
+    needs_dx: bool = True  # does the adapter's input need a gradient (False for the first layer)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str              # the paper's name: "forward1" … "backward5"
+    title: str             # what it does, in words
+    equation: str
+    compute: Callable
+    gemms: Callable[[Dims], list]
+    merges_weight: bool    # builds W + s·B·A: only legal where the base and the adapter see the same X
+
+    @property
+    def stage(self) -> str:
+        return "forward" if self.name.startswith("forward") else "backward"
+
+    def illegal_reason(self, site) -> str | None:
+        """Why this variant would be wrong at `site` (None: it is legal). The merged weight W + s·B·A
+        needs the base and the adapter to read the same X (no dropout) in the same dtype, and, for dX,
+        the base's own input-gradient product to fold into; the matcher records what blocks that."""
+        if not self.merges_weight:
+            return None
+        return site.merge_forward_block if self.stage == "forward" else site.merge_backward_block
+
+    def flops(self, dims: Dims):
+        return sum(g.flops() for g in self.gemms(dims))
+
+    def bytes(self, dims: Dims, element_size: int):
+        return sum(g.bytes(element_size) for g in self.gemms(dims))
+
+
+# --- operands -------------------------------------------------------------------------------------
+
+@dataclass
+class ForwardOperands:
+    """What a forward variant reads. `base` is X·Wᵀ + bias as already computed by the model (forward1
+    accumulates onto it); `w_io` (Wᵀ, [i,o]) and `bias` are what the merged forward needs instead."""
+
+    x: Any
+    a: Any
+    b: Any
+    s: Any
+    base: Any = None
+    w_io: Any = None
+    bias: Any = None
+
+
+@dataclass
+class BackwardOperands:
+    """What a backward variant reads: dY (unscaled, [N,o]), X, A, B, s, and Wᵀ as [i,o].
+
+    `dx`: None (X needs no gradient), "total" (return dY·W + s·dY·B·A: the rewrite replaces the base
+    layer's input-gradient product too) or "lora" (return only s·dY·B·A: the model adds the base part
+    itself, e.g. across a dtype cast or a dropout mask)."""
+
+    dy: Any
+    x: Any
+    a: Any
+    b: Any
+    s: Any
+    w_io: Any = None
+    dx: str | None = "total"
+
+
+class EagerOps:
+    """`ops` on real tensors, through the same aten ops the graph rewrite emits."""
+
+    def mm(self, a, b):
+        return aten.mm.default(a, b)
+
+    def addmm(self, c, a, b):
+        return aten.addmm.default(c, a, b)
+
+    def t(self, a):
+        return aten.permute.default(a, [1, 0])
+
+    def scale(self, a, s):
+        if isinstance(s, (int, float)) and s == 1:
+            return a
+        return aten.mul.Tensor(a, s)
+
+    def recompute(self, a):
+        return a
+
+
+def _linear(ops, x, w_io, bias):
+    return ops.mm(x, w_io) if bias is None else ops.addmm(bias, x, w_io)
+
+
+# --- forward ----------------------------------------------------------------------------------------
+
+def factored_forward(ops, p: ForwardOperands):
+    """forward1: Y = X·Wᵀ + (X·Aᵀ)·(s·B)ᵀ — the adapter product accumulated onto the base result."""
+    xa = ops.recompute(ops.mm(p.x, ops.t(p.a)))
+    return ops.addmm(p.base, xa, ops.t(ops.scale(p.b, p.s)))
+
+
+def factored_forward_gemms(d: Dims):  # 2N·(i·o + r·i + o·r)
+    return [Gemm(d.N, d.i, d.o, "X·Wᵀ (base)"),
+            Gemm(d.N, d.i, d.r, "X·Aᵀ"),
+            Gemm(d.N, d.r, d.o, "+ (X·Aᵀ)·(s·B)ᵀ", accumulate=True)]
+
+
+def merged_weight_forward(ops, p: ForwardOperands):
+    """forward2: Y = X·(W + s·B·A)ᵀ — fold the adapter into the weight, then one product."""
+    merged_w_io = ops.recompute(ops.addmm(p.w_io, ops.t(p.a), ops.t(ops.scale(p.b, p.s))))
+    return _linear(ops, p.x, merged_w_io, p.bias)
+
+
+def merged_weight_forward_gemms(d: Dims):  # 2·(i·o·r + N·o·i)
+    return [Gemm(d.i, d.r, d.o, "Wᵀ + Aᵀ·(s·B)ᵀ", accumulate=True),
+            Gemm(d.N, d.i, d.o, "X·(W + s·B·A)ᵀ")]
+
+
+FORWARD1 = Variant("forward1", "factored: (X·Aᵀ)·Bᵀ added onto X·Wᵀ", "Y = X·Wᵀ + (X·Aᵀ)·(s·B)ᵀ",
+                   factored_forward, factored_forward_gemms, merges_weight=False)
+FORWARD2 = Variant("forward2", "merged weight: X·(W + s·B·A)ᵀ", "Y = X·(W + s·B·A)ᵀ",
+                   merged_weight_forward, merged_weight_forward_gemms, merges_weight=True)
+
+
+# --- backward ---------------------------------------------------------------------------------------
+# Shared pieces, named as in the paper's Algorithms 1-5:
+#   Z1 = s·dY·B [N,r]    Z2 = X·Aᵀ [N,r]    Zt = dYᵀ·X [o,i]    W + s·B·A [o,i] (built as its [i,o] transpose)
+
+def _input_grad_factored(ops, p: BackwardOperands, z1):
+    """dX = dY·W + Z1·A (or only Z1·A when the model adds the base part itself)."""
+    if p.dx == "total":
+        return ops.addmm(ops.mm(p.dy, ops.t(p.w_io)), z1, p.a)
+    return ops.mm(z1, p.a)
+
+
+def _input_grad_merged(ops, p: BackwardOperands, sb):
+    """dX = dY·(W + s·B·A)."""
+    merged_w_io = ops.recompute(ops.addmm(p.w_io, ops.t(p.a), ops.t(sb)))
+    return ops.mm(p.dy, ops.t(merged_w_io))
+
+
+def _dx_gemms_factored(d: Dims):
+    if not d.needs_dx:
+        return []
+    return [Gemm(d.N, d.o, d.i, "dY·W (base)"), Gemm(d.N, d.r, d.i, "+ Z1·A", accumulate=True)]
+
+
+def _dx_gemms_merged(d: Dims):
+    if not d.needs_dx:
+        return []
+    return [Gemm(d.i, d.r, d.o, "Wᵀ + Aᵀ·(s·B)ᵀ", accumulate=True), Gemm(d.N, d.o, d.i, "dY·(W + s·B·A)")]
+
+
+def backward1(ops, p: BackwardOperands):
+    """backward1 (Algorithm 1): dA = Z1ᵀ·X, dB = s·dYᵀ·Z2, dX = dY·W + Z1·A, with Z1 = s·dY·B, Z2 = X·Aᵀ recomputed."""
+    sb = ops.scale(p.b, p.s)
+    z1 = ops.mm(p.dy, sb)
+    z2 = ops.recompute(ops.mm(p.x, ops.t(p.a)))
+    grad_a = ops.mm(ops.t(z1), p.x)
+    grad_b = ops.scale(ops.mm(ops.t(p.dy), z2), p.s)
+    grad_x = _input_grad_factored(ops, p, z1) if p.dx else None
+    return grad_a, grad_b, grad_x
+
+
+def backward1_gemms(d: Dims):  # 2N·(2o·r + 3i·r + o·i)
+    return [Gemm(d.N, d.o, d.r, "Z1 = dY·(s·B)"), Gemm(d.N, d.i, d.r, "Z2 = X·Aᵀ"),
+            Gemm(d.r, d.N, d.i, "dA = Z1ᵀ·X"), Gemm(d.o, d.N, d.r, "dB = dYᵀ·Z2")] + _dx_gemms_factored(d)
+
+
+def backward2(ops, p: BackwardOperands):
+    """backward2 (Algorithm 2): dA = Z1ᵀ·X, dB = s·Zt·Aᵀ, dX = dY·W + Z1·A, with Zt = dYᵀ·X."""
+    sb = ops.scale(p.b, p.s)
+    z1 = ops.mm(p.dy, sb)
+    zt = ops.mm(ops.t(p.dy), p.x)
+    grad_a = ops.mm(ops.t(z1), p.x)
+    grad_b = ops.scale(ops.mm(zt, ops.t(p.a)), p.s)
+    grad_x = _input_grad_factored(ops, p, z1) if p.dx else None
+    return grad_a, grad_b, grad_x
+
+
+def backward2_gemms(d: Dims):  # 2N·(o·r + 2i·r + 2i·o) + 2i·o·r
+    return [Gemm(d.N, d.o, d.r, "Z1 = dY·(s·B)"), Gemm(d.o, d.N, d.i, "Zt = dYᵀ·X"),
+            Gemm(d.r, d.N, d.i, "dA = Z1ᵀ·X"), Gemm(d.o, d.i, d.r, "dB = Zt·Aᵀ")] + _dx_gemms_factored(d)
+
+
+def backward3(ops, p: BackwardOperands):
+    """backward3 (Algorithm 3): dA = (s·B)ᵀ·Zt, dB = s·Zt·Aᵀ, dX = dY·W + Z1·A, with Zt = dYᵀ·X."""
+    sb = ops.scale(p.b, p.s)
+    zt = ops.mm(ops.t(p.dy), p.x)
+    grad_a = ops.mm(ops.t(sb), zt)
+    grad_b = ops.scale(ops.mm(zt, ops.t(p.a)), p.s)
+    grad_x = _input_grad_factored(ops, p, ops.mm(p.dy, sb)) if p.dx else None
+    return grad_a, grad_b, grad_x
+
+
+def backward3_gemms(d: Dims):  # 2N·(2i·o + o·r + i·r) + 4i·o·r
+    dx = [Gemm(d.N, d.o, d.r, "Z1 = dY·(s·B)")] + _dx_gemms_factored(d) if d.needs_dx else []
+    return [Gemm(d.o, d.N, d.i, "Zt = dYᵀ·X"), Gemm(d.r, d.o, d.i, "dA = (s·B)ᵀ·Zt"),
+            Gemm(d.o, d.i, d.r, "dB = Zt·Aᵀ")] + dx
+
+
+def backward4(ops, p: BackwardOperands):
+    """backward4 (Algorithm 4): dA = (s·B)ᵀ·Zt, dB = s·Zt·Aᵀ, dX = dY·(W + s·B·A)."""
+    sb = ops.scale(p.b, p.s)
+    zt = ops.mm(ops.t(p.dy), p.x)
+    grad_a = ops.mm(ops.t(sb), zt)
+    grad_b = ops.scale(ops.mm(zt, ops.t(p.a)), p.s)
+    grad_x = _input_grad_merged(ops, p, sb) if p.dx else None
+    return grad_a, grad_b, grad_x
+
+
+def backward4_gemms(d: Dims):  # 2·(2N·i·o + 3i·o·r)
+    return [Gemm(d.o, d.N, d.i, "Zt = dYᵀ·X"), Gemm(d.r, d.o, d.i, "dA = (s·B)ᵀ·Zt"),
+            Gemm(d.o, d.i, d.r, "dB = Zt·Aᵀ")] + _dx_gemms_merged(d)
+
+
+def backward5(ops, p: BackwardOperands):
+    """backward5 (Algorithm 5): dA = Z1ᵀ·X, dB = s·dYᵀ·Z2, dX = dY·(W + s·B·A), Z2 = X·Aᵀ recomputed."""
+    sb = ops.scale(p.b, p.s)
+    z1 = ops.mm(p.dy, sb)
+    z2 = ops.recompute(ops.mm(p.x, ops.t(p.a)))
+    grad_a = ops.mm(ops.t(z1), p.x)
+    grad_b = ops.scale(ops.mm(ops.t(p.dy), z2), p.s)
+    grad_x = _input_grad_merged(ops, p, sb) if p.dx else None
+    return grad_a, grad_b, grad_x
+
+
+def backward5_gemms(d: Dims):  # 2N·(2o·r + 2i·r + o·i) + 2i·o·r
+    return [Gemm(d.N, d.o, d.r, "Z1 = dY·(s·B)"), Gemm(d.N, d.i, d.r, "Z2 = X·Aᵀ"),
+            Gemm(d.r, d.N, d.i, "dA = Z1ᵀ·X"), Gemm(d.o, d.N, d.r, "dB = dYᵀ·Z2")] + _dx_gemms_merged(d)
+
+
+BACKWARD1 = Variant("backward1", "factored, X·Aᵀ recomputed", "dA = Z1ᵀX, dB = s·dYᵀ(XAᵀ), dX = dY·W + Z1·A",
+                    backward1, backward1_gemms, merges_weight=False)
+BACKWARD2 = Variant("backward2", "dB through dYᵀ·X", "dA = Z1ᵀX, dB = s·(dYᵀX)·Aᵀ, dX = dY·W + Z1·A",
+                    backward2, backward2_gemms, merges_weight=False)
+BACKWARD3 = Variant("backward3", "dA and dB through dYᵀ·X", "dA = (sB)ᵀ(dYᵀX), dB = s·(dYᵀX)·Aᵀ, dX = dY·W + Z1·A",
+                    backward3, backward3_gemms, merges_weight=False)
+BACKWARD4 = Variant("backward4", "dA, dB through dYᵀ·X; dX through the merged weight",
+                    "dA = (sB)ᵀ(dYᵀX), dB = s·(dYᵀX)·Aᵀ, dX = dY·(W + s·B·A)",
+                    backward4, backward4_gemms, merges_weight=True)
+BACKWARD5 = Variant("backward5", "factored dA, dB; dX through the merged weight",
+                    "dA = Z1ᵀX, dB = s·dYᵀ(XAᵀ), dX = dY·(W + s·B·A)",
+                    backward5, backward5_gemms, merges_weight=True)
+
+# The gradients as autograd derives them from PEFT's forward (what stock Inductor runs): X·Aᵀ saved
+# from the forward, the scale applied to the [N,o] gradient. Not a variant: the "before" of the report.
+def autograd_backward_gemms(d: Dims):  # 2N·(2o·r + i·r + [i·r + o·i])
+    dx = [Gemm(d.N, d.r, d.i, "dX_a = (s·dY·B)·A"), Gemm(d.N, d.o, d.i, "dY·W (base)")] if d.needs_dx else []
+    return [Gemm(d.o, d.N, d.r, "dB = (s·dY)ᵀ·(X·Aᵀ)"), Gemm(d.N, d.o, d.r, "s·dY·B"),
+            Gemm(d.r, d.N, d.i, "dA = (s·dY·B)ᵀ·X")] + dx
+
+
+FORWARDS: tuple[Variant, ...] = (FORWARD1, FORWARD2)
+BACKWARDS: tuple[Variant, ...] = (BACKWARD1, BACKWARD2, BACKWARD3, BACKWARD4, BACKWARD5)
+BY_NAME: dict[str, Variant] = {v.name: v for v in FORWARDS + BACKWARDS}
+
+
+def variant_names(variants: Sequence[Variant]) -> list[str]:
+    return [v.name for v in variants]
