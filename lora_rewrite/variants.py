@@ -148,6 +148,11 @@ class EagerOps:
         return a
 
 
+def _scaled_b(ops, p):
+    """s·B [o,r]: the scale rides on the rank-sized factor. Rebuilt in the backward, never saved."""
+    return ops.recompute(ops.scale(p.b, p.s))
+
+
 def _linear(ops, x, w_io, bias):
     return ops.mm(x, w_io) if bias is None else ops.addmm(bias, x, w_io)
 
@@ -157,7 +162,7 @@ def _linear(ops, x, w_io, bias):
 def factored_forward(ops, p: ForwardOperands):
     """forward1: Y = X·Wᵀ + (X·Aᵀ)·(s·B)ᵀ — the adapter product accumulated onto the base result."""
     xa = ops.recompute(ops.mm(p.x, ops.t(p.a)))
-    return ops.addmm(p.base, xa, ops.t(ops.scale(p.b, p.s)))
+    return ops.addmm(p.base, xa, ops.t(_scaled_b(ops, p)))
 
 
 def factored_forward_gemms(d: Dims):  # 2N·(i·o + r·i + o·r)
@@ -168,7 +173,7 @@ def factored_forward_gemms(d: Dims):  # 2N·(i·o + r·i + o·r)
 
 def merged_weight_forward(ops, p: ForwardOperands):
     """forward2: Y = X·(W + s·B·A)ᵀ — fold the adapter into the weight, then one product."""
-    merged_w_io = ops.recompute(ops.addmm(p.w_io, ops.t(p.a), ops.t(ops.scale(p.b, p.s))))
+    merged_w_io = ops.recompute(ops.addmm(p.w_io, ops.t(p.a), ops.t(_scaled_b(ops, p))))
     return _linear(ops, p.x, merged_w_io, p.bias)
 
 
@@ -214,7 +219,7 @@ def _dx_gemms_merged(d: Dims):
 
 def backward1(ops, p: BackwardOperands):
     """backward1 (Algorithm 1): dA = Z1ᵀ·X, dB = s·dYᵀ·Z2, dX = dY·W + Z1·A, with Z1 = s·dY·B, Z2 = X·Aᵀ recomputed."""
-    sb = ops.scale(p.b, p.s)
+    sb = _scaled_b(ops, p)
     z1 = ops.mm(p.dy, sb)
     z2 = ops.recompute(ops.mm(p.x, ops.t(p.a)))
     grad_a = ops.mm(ops.t(z1), p.x)
@@ -230,7 +235,7 @@ def backward1_gemms(d: Dims):  # 2N·(2o·r + 3i·r + o·i)
 
 def backward2(ops, p: BackwardOperands):
     """backward2 (Algorithm 2): dA = Z1ᵀ·X, dB = s·Zt·Aᵀ, dX = dY·W + Z1·A, with Zt = dYᵀ·X."""
-    sb = ops.scale(p.b, p.s)
+    sb = _scaled_b(ops, p)
     z1 = ops.mm(p.dy, sb)
     zt = ops.mm(ops.t(p.dy), p.x)
     grad_a = ops.mm(ops.t(z1), p.x)
@@ -246,7 +251,7 @@ def backward2_gemms(d: Dims):  # 2N·(o·r + 2i·r + 2i·o) + 2i·o·r
 
 def backward3(ops, p: BackwardOperands):
     """backward3 (Algorithm 3): dA = (s·B)ᵀ·Zt, dB = s·Zt·Aᵀ, dX = dY·W + Z1·A, with Zt = dYᵀ·X."""
-    sb = ops.scale(p.b, p.s)
+    sb = _scaled_b(ops, p)
     zt = ops.mm(ops.t(p.dy), p.x)
     grad_a = ops.mm(ops.t(sb), zt)
     grad_b = ops.scale(ops.mm(zt, ops.t(p.a)), p.s)
@@ -262,7 +267,7 @@ def backward3_gemms(d: Dims):  # 2N·(2i·o + o·r + i·r) + 4i·o·r
 
 def backward4(ops, p: BackwardOperands):
     """backward4 (Algorithm 4): dA = (s·B)ᵀ·Zt, dB = s·Zt·Aᵀ, dX = dY·(W + s·B·A)."""
-    sb = ops.scale(p.b, p.s)
+    sb = _scaled_b(ops, p)
     zt = ops.mm(ops.t(p.dy), p.x)
     grad_a = ops.mm(ops.t(sb), zt)
     grad_b = ops.scale(ops.mm(zt, ops.t(p.a)), p.s)
@@ -277,7 +282,7 @@ def backward4_gemms(d: Dims):  # 2·(2N·i·o + 3i·o·r)
 
 def backward5(ops, p: BackwardOperands):
     """backward5 (Algorithm 5): dA = Z1ᵀ·X, dB = s·dYᵀ·Z2, dX = dY·(W + s·B·A), Z2 = X·Aᵀ recomputed."""
-    sb = ops.scale(p.b, p.s)
+    sb = _scaled_b(ops, p)
     z1 = ops.mm(p.dy, sb)
     z2 = ops.recompute(ops.mm(p.x, ops.t(p.a)))
     grad_a = ops.mm(ops.t(z1), p.x)

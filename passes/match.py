@@ -277,6 +277,17 @@ def split_scale(node: Node) -> tuple[Node, Any] | None:
     return None
 
 
+WEIGHT_OPS = (aten.permute.default, aten.t.default, aten.transpose.int) + tuple(VIEWS) + tuple(CASTS)
+
+
+def is_weight(node: Any) -> bool:
+    """A parameter as the graph reads it (through transposes, views and casts), or a merged weight
+    W + s·B·A that runlora itself built for another adapter on the same layer."""
+    while is_call(node, *WEIGHT_OPS):
+        node = node.args[0]
+    return isinstance(node, Node) and (node.op == "placeholder" or bool(node.meta.get("runlora")))
+
+
 def backward_region(graph: Graph) -> set[Node]:
     """Nodes that depend on a tangent: the backward half of a joint graph (empty for inference)."""
     region: set[Node] = set()
@@ -376,6 +387,9 @@ def find_anchors(graph: Graph, backward: set[Node]) -> list[Node]:
             if is_call(user, ADDMM) and user.args[1] is node and transpose_source(user.args[2]) is not None:
                 anchors.append(node)
                 break
+            if is_call(user, MUL) and shape(node)[-1] == 1 and transpose_source(user.args[-1]) is not None:
+                anchors.append(node)  # rank 1: Inductor may turn (X·Aᵀ)·Bᵀ into a broadcast product
+                break
     return anchors
 
 
@@ -399,6 +413,8 @@ def _match_forward(anchor: Node, backward: set[Node]) -> dict:
     xab = fwd_users[0]
     if is_call(xab, ADDMM):
         _fail("lora_B has a bias (lora_bias=True), which the rewrite does not cover")
+    if is_call(xab, MUL):
+        _fail("rank 1: Inductor turned (X·Aᵀ)·Bᵀ into an elementwise product, which the rewrite does not cover")
     if not (is_call(xab, MM) and xab.args[0] is anchor):
         _fail("X·Aᵀ is not multiplied by Bᵀ")
     b = transpose_source(xab.args[1])
@@ -462,9 +478,12 @@ def _match_forward(anchor: Node, backward: set[Node]) -> dict:
         mm_args = base2d.args if is_call(base2d, MM) else base2d.args[1:]
         bias = None if is_call(base2d, MM) else base2d.args[0]
         xb, w_io = mm_args
-        if (same_shape(shape(w_io), (i, o)) and not base2d.kwargs
+        if (same_shape(shape(w_io), (i, o)) and not base2d.kwargs and is_weight(w_io)
                 and (bias is None or len(shape(bias) or ()) == 1)):
             linear = LinearBase(base2d, xb, w_io, bias)
+    if linear is None and not strip_layout(base).meta.get("runlora"):
+        _fail("the base layer is not a plain linear of a weight parameter (a quantized or custom base "
+              "layer, or an adapter whose own site was left untouched)")
     return dict(x=x, a=a, b=b, scale=scale, out=out, base=base, base2d=base2d, n_arg=n_arg,
                 out_shape_args=out_shape_args, linear=linear, dims=(n, i, o, r),
                 dtypes=(lora_dtype, out_dtype, base_dtype), forward_nodes=[anchor, *chain, out])

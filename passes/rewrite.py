@@ -46,6 +46,7 @@ class GraphOps:
         self.graph = graph
         self.fake_mode = fake_mode
         self.created: list[Node] = []
+        self._created_set: set[Node] = set()
         self._template: Node | None = None
         self._memo: dict = {}
 
@@ -66,6 +67,7 @@ class GraphOps:
             return self._memo[key]
         node = self.graph.call_function(target, args, kwargs)
         self.created.append(node)
+        self._created_set.add(node)
         template = self._template
         if template is not None:
             for k in COPIED_META:
@@ -103,8 +105,10 @@ class GraphOps:
         return self.call(aten.mul.Tensor, a, s)
 
     def recompute(self, a):
-        # The partitioner must recompute this product in the backward rather than save it.
-        a.meta["recompute"] = compat.must_recompute_policy()
+        # The partitioner must recompute this value in the backward rather than save it. Only
+        # values built here are tagged (s = 1 hands B itself back from `scale`).
+        if a in self._created_set:
+            a.meta["recompute"] = compat.must_recompute_policy()
         return a
 
     # shape plumbing used by the rewrite itself
@@ -122,6 +126,7 @@ class GraphOps:
             if not node.users:
                 self.graph.erase_node(node)
         self.created.clear()
+        self._created_set.clear()
         self._memo.clear()
 
 

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up .venv for lora_rewrite on a fresh machine (idempotent): the pinned CPU torch first, so pip
+# never resolves a newer torch with gigabytes of CUDA packages, then this package and its dev extras.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q "torch==${TORCH_VERSION}"
+.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -c "import torch, peft, transformers; print(f'lora_rewrite env ready: torch {torch.__version__}, peft {peft.__version__}, transformers {transformers.__version__}')"

@@ -1,0 +1,20 @@
+import os
+import sys
+
+# Every test compiles from scratch: a compile-cache hit would skip the runlora pass (and its
+# counters and reports), which is what several tests observe. test_backend.py turns caches back on
+# where it tests them.
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    yield
+    torch._dynamo.reset()

@@ -1,0 +1,129 @@
+"""Shared builders and measurements for the tests: tiny PEFT models, steps, references, FLOP counts."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lora_rewrite import compat
+
+
+class OneLinear(nn.Module):
+    def __init__(self, i: int, o: int, bias: bool = True):
+        super().__init__()
+        self.proj = nn.Linear(i, o, bias=bias)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def peft_linear(i: int, o: int, r: int, *, alpha: float | None = None, bias: bool = True,
+                bias_trainable: bool = False, dropout: float = 0.0, rslora: bool = False,
+                dtype=torch.float32, seed: int = 0, **config):
+    """A PEFT LoRA linear (get_peft_model on one nn.Linear), with B non-zero so every path counts."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(OneLinear(i, o, bias), LoraConfig(
+        r=r, lora_alpha=alpha if alpha is not None else 2 * r, target_modules=["proj"],
+        lora_dropout=dropout, use_rslora=rslora, **config))
+    randomize_adapters(model)
+    if bias and bias_trainable:
+        model.base_model.model.proj.base_layer.bias.requires_grad_(True)
+    return model.to(dtype)
+
+
+def randomize_adapters(model, std: float = 0.3) -> None:
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def step(model, x: torch.Tensor, grad_out: torch.Tensor | None = None, **kwargs):
+    """One forward + backward; returns (output, input grad, {trainable parameter name: grad})."""
+    for p in model.parameters():
+        p.grad = None
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    y = model(x, **kwargs)
+    if grad_out is None:
+        y.float().square().sum().backward()
+    else:
+        y.backward(grad_out)
+    grads = {n.removeprefix("_orig_mod."): p.grad.detach().clone()
+             for n, p in model.named_parameters() if p.grad is not None}
+    return y.detach(), (x.grad.detach().clone() if x.grad is not None else None), grads
+
+
+def float64_reference(model, x: torch.Tensor, grad_out: torch.Tensor):
+    ref = copy.deepcopy(model).double()
+    return step(ref, x.double().requires_grad_(x.requires_grad), grad_out.double())
+
+
+def assert_close_to(reference, actual, *, rtol: float, what: str = "") -> None:
+    """‖actual − reference‖∞ ≤ rtol·‖reference‖∞ (per tensor), in float64."""
+    reference, actual = reference.double(), actual.double()
+    scale = reference.abs().max().clamp_min(1e-12)
+    err = (actual - reference).abs().max() / scale
+    assert err <= rtol, f"{what}: relative error {float(err):.3g} > {rtol}"
+
+
+def runlora(model, **options):
+    """Compile with runlora through Inductor's passes and partitioner, without code generation."""
+    return torch.compile(model, backend="runlora", options={"codegen": False, **options})
+
+
+@contextlib.contextmanager
+def count_compiled_flops():
+    """Count the matmul FLOPs of every compiled forward and backward graph run inside the block.
+
+    The partitioned graphs (as Inductor would compile them) run node by node under
+    torch.utils.flop_counter.FlopCounterMode. Works with `codegen=False`."""
+    flops = collections.Counter()
+    original = compat.eager_inner_compile
+
+    def counting_inner_compile(gm, example_inputs, **kwargs):
+        kind = "backward" if kwargs.get("is_backward") else "forward"
+
+        def run(args):
+            with FlopCounterMode(display=False) as counter:
+                out = torch.fx.Interpreter(gm).run(*args)
+            flops[kind] += counter.get_total_flops()
+            return out
+
+        run._boxed_call = True
+        return run
+
+    compat.eager_inner_compile = counting_inner_compile
+    try:
+        yield flops
+    finally:
+        compat.eager_inner_compile = original
+
+
+def activation_bytes_saved_for_backward(model, fn) -> int:
+    """Bytes of distinct storages autograd saves for backward while `fn()` runs, parameters excluded
+    (a parameter saved for backward costs no memory: it is alive anyway)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    out.float().sum().backward()
+    return sum(storages.values())
+
+
+def runlora_counters() -> dict:
+    return dict(torch._dynamo.utils.counters["runlora"])

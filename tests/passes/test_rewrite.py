@@ -1,0 +1,112 @@
+"""The rewrite in the compiled graph: every forced variant pair, numerics against float64, FLOPs of the
+compiled forward and backward graphs against the formula, and X·Aᵀ no longer saved for backward.
+
+These compile through Inductor's decompositions, joint passes and min-cut partitioner, without code
+generation (`codegen=False`); tests/test_backend.py runs real Inductor code generation.
+"""
+
+import random
+import zlib
+
+import pytest
+import torch
+
+from helpers import (activation_bytes_saved_for_backward, assert_close_to, count_compiled_flops,
+                     float64_reference, peft_linear, runlora, runlora_counters, step)
+from lora_rewrite.variants import BACKWARDS, FORWARDS, Dims
+
+PAIRS = [(f, b) for f in FORWARDS for b in BACKWARDS]
+PAIR_IDS = [f"{f.name}-{b.name}" for f, b in PAIRS]
+
+# Input layouts: (leading shape of X, base bias, bias trainable, X requires grad)
+LAYOUTS = {
+    "2d-bias-xgrad": ((13,), True, False, True),
+    "3d-nobias-xgrad": ((3, 7), False, False, True),
+    "3d-trainable-bias": ((2, 9), True, True, True),
+    "3d-bias-noxgrad": ((4, 5), True, False, False),
+}
+
+
+def shapes_for(seed: int):
+    rng = random.Random(seed)
+    i = rng.choice([12, 24, 33, 40])
+    o = rng.choice([16, 20, 48])
+    return i, o, rng.choice([2, 3, 4, 8])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("forward,backward", PAIRS, ids=PAIR_IDS)
+def test_forced_pair_matches_float64(forward, backward, layout):
+    lead, bias, bias_trainable, x_grad = LAYOUTS[layout]
+    i, o, r = shapes_for(zlib.crc32(f"{forward.name}{backward.name}{layout}".encode()))
+    model = peft_linear(i, o, r, alpha=3.0 * r, bias=bias, bias_trainable=bias_trainable)
+    x = torch.randn(*lead, i, requires_grad=x_grad)
+    grad_out = torch.randn(*lead, o)
+    y64, dx64, grads64 = float64_reference(model, x, grad_out)
+
+    compiled = runlora(model, forward=forward.name, backward=backward.name)
+    y, dx, grads = step(compiled, x, grad_out)
+
+    assert runlora_counters().get(f"chose_{forward.name}") == 1
+    assert runlora_counters().get(f"chose_{backward.name}") == 1
+    assert_close_to(y64, y, rtol=2e-6, what="Y")
+    if x_grad:
+        assert_close_to(dx64, dx, rtol=2e-6, what="dX")
+    else:
+        assert dx is None
+    expected = {"lora_A", "lora_B"} | ({"bias"} if bias_trainable else set())
+    assert {n.split(".")[-1] if "bias" in n else n.split(".")[-3] for n in grads} == expected
+    for name, g64 in grads64.items():
+        assert_close_to(g64, grads[name], rtol=2e-6, what=name)
+
+
+@pytest.mark.parametrize("x_grad", [True, False], ids=["xgrad", "noxgrad"])
+@pytest.mark.parametrize("forward,backward", PAIRS, ids=PAIR_IDS)
+def test_compiled_graphs_do_the_formula_flops(forward, backward, x_grad):
+    """FlopCounterMode over the partitioned forward and backward graphs = the variant's formula: the
+    bracketing is really the chosen one, and X·Aᵀ (or W + s·B·A) is recomputed where it says so."""
+    b, t, i, o, r = 3, 7, 24, 40, 5
+    model = peft_linear(i, o, r)
+    with count_compiled_flops() as flops:
+        compiled = runlora(model, forward=forward.name, backward=backward.name)
+        step(compiled, torch.randn(b, t, i, requires_grad=x_grad))
+    d = Dims(b * t, i, o, r, needs_dx=x_grad)
+    assert flops["forward"] == forward.flops(d)
+    assert flops["backward"] == backward.flops(d)
+
+
+@pytest.mark.parametrize("forward,backward", [("forward1", "backward1"), ("forward2", "backward5"),
+                                              ("forward1", "backward3")])
+@pytest.mark.parametrize("x_grad", [True, False], ids=["xgrad", "noxgrad"])
+def test_x_a_is_not_saved_for_backward(forward, backward, x_grad):
+    """Activation bytes saved for backward drop by at least N·r·element_size against the same graph
+    without the rewrite (rewrite=False: stock Inductor's decompositions, passes and partitioner)."""
+    N_lead, i, o, r = (8, 16), 32, 48, 6
+    model = peft_linear(i, o, r)
+    x = torch.randn(*N_lead, i, requires_grad=x_grad)
+    stock = runlora(model, rewrite=False)
+    before = activation_bytes_saved_for_backward(model, lambda: stock(x))
+    torch._dynamo.reset()
+    ours = runlora(model, forward=forward, backward=backward)
+    after = activation_bytes_saved_for_backward(model, lambda: ours(x))
+    N = N_lead[0] * N_lead[1]
+    assert before - after >= N * r * x.element_size(), (before, after)
+
+
+def test_rewrite_false_leaves_the_graph_alone():
+    model = peft_linear(16, 24, 4)
+    step(runlora(model, rewrite=False), torch.randn(2, 3, 16, requires_grad=True))
+    assert runlora_counters() == {}
+
+
+def test_a_forced_merged_variant_that_is_illegal_falls_back_and_says_so():
+    from lora_rewrite import debug
+
+    model = peft_linear(16, 24, 4, dropout=0.2)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    with debug.collect_reports() as reports:
+        step(runlora(model, forward="forward2", backward="backward5", fallback_random=True), x)
+    (site,) = reports[0].sites
+    assert (site.forward, site.backward) == ("forward1", "backward1")
+    assert any("forced forward2 is illegal here" in n and "lora_dropout" in n for n in site.notes)
+    assert any("forced backward5 is illegal here" in n for n in site.notes)

@@ -1,0 +1,189 @@
+"""The backend as users meet it: the name "runlora" in a fresh interpreter, real Inductor code generation,
+compile caches, a user's own joint pass, torch.compile's `mode`."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from helpers import assert_close_to, peft_linear, runlora_counters, step
+from lora_rewrite.options import RunLoraOptions
+
+TRAIN_ONE_STEP = """
+import json, sys
+import torch, torch.nn as nn
+from peft import LoraConfig, get_peft_model
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 24)
+
+    def forward(self, x):
+        return self.proj(x)
+
+torch.manual_seed(0)
+model = get_peft_model(M(), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+params = [p for p in model.parameters() if p.requires_grad]
+before = [p.detach().clone() for p in params]
+opt = torch.optim.AdamW(params, lr=1e-2)
+imported_before = "lora_rewrite" in sys.modules
+{prelude}
+compiled = torch.compile(model, backend="runlora", options={options})
+loss = compiled(torch.randn(4, 8, 16)).square().mean()
+loss.backward()
+opt.step()
+from torch._dynamo.utils import counters
+print("RESULT", json.dumps({{"imported_before": imported_before,
+                            "imported_after": "lora_rewrite" in sys.modules,
+                            "counters": dict(counters["runlora"]),
+                            "updated": all(not torch.equal(a, p) for a, p in zip(before, params)),
+                            "loss": loss.item()}}))
+"""
+
+
+def run_fresh(prelude: str = "", options: str = "{}", env: dict | None = None) -> dict:
+    code = TRAIN_ONE_STEP.format(prelude=prelude, options=options)
+    full_env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def test_fresh_interpreter_trains_a_step_without_importing_lora_rewrite():
+    """Real Inductor code generation, the name resolved through the installed entry point."""
+    result = run_fresh()
+    assert result["imported_before"] is False and result["imported_after"] is True
+    assert result["counters"]["sites_rewritten"] == 1 and result["counters"]["backward_rewritten"] == 1
+    assert result["updated"]
+
+
+def test_explicit_import_first_does_not_register_twice():
+    result = run_fresh(prelude="import lora_rewrite; lora_rewrite.register(); lora_rewrite.register()",
+                       options='{"codegen": False}')
+    assert result["counters"]["sites_rewritten"] == 1 and result["updated"]
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("forward,backward", [("forward1", "backward1"), ("forward2", "backward5")])
+def test_real_inductor_code_generation_matches_eager(forward, backward):
+    model = peft_linear(24, 40, 4)
+    x = torch.randn(3, 16, 24, requires_grad=True)
+    y_ref, dx_ref, g_ref = step(model, x)
+    compiled = torch.compile(model, backend="runlora", options={"forward": forward, "backward": backward})
+    y, dx, g = step(compiled, x)
+    assert runlora_counters()[f"chose_{forward}"] == 1 and runlora_counters()[f"chose_{backward}"] == 1
+    assert_close_to(y_ref, y, rtol=5e-6, what="output")
+    assert_close_to(dx_ref, dx, rtol=5e-6, what="dX")
+    for name in g_ref:
+        assert_close_to(g_ref[name], g[name], rtol=5e-6, what=name)
+
+
+CACHE_SCRIPT = """
+import json, torch, torch.nn as nn
+from peft import LoraConfig, get_peft_model
+from torch._dynamo.utils import counters
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 24)
+
+    def forward(self, x):
+        return self.proj(x)
+
+torch.manual_seed(0)
+model = get_peft_model(M(), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+x = torch.randn(4, 8, 16)
+ref = model(x)
+out = {}
+for label, options in [("first", {}), ("again", {}), ("forced", {"forward": "forward1"})]:
+    torch._dynamo.reset()
+    counters.clear()
+    y = torch.compile(model, backend="runlora", options=options)(x)
+    y.sum().backward()  # AOTAutograd saves its cache entry once the backward is compiled too
+    out[label] = {"rewritten": counters["runlora"]["sites_rewritten"],
+                  "autograd_cache_hit": counters["aot_autograd"]["autograd_cache_hit"],
+                  "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
+                  "close": bool(torch.allclose(y, ref, atol=1e-5))}
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_compile_caches_stay_on_and_never_serve_a_stale_rewrite(tmp_path):
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "0"}
+    proc = subprocess.run([sys.executable, "-c", CACHE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+    assert out["first"]["rewritten"] == 1
+    # Same options: served from the cache, so the pass does not even run, and the result is right.
+    assert out["again"]["rewritten"] == 0 and out["again"]["close"]
+    assert out["again"]["fxgraph_cache_hit"] + out["again"]["autograd_cache_hit"] >= 1
+    # Different options: a different key, so the pass runs again.
+    assert out["forced"]["rewritten"] == 1 and out["forced"]["close"]
+    assert all(v["close"] for v in out.values())
+
+
+def test_a_users_own_joint_pass_is_chained_not_overwritten():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    seen = []
+
+    class UserPass(CustomGraphPass):
+        def __call__(self, graph):
+            seen.append(sum(1 for n in graph.nodes if n.op == "call_function"))
+
+        def uuid(self):
+            return "user-pass-v1"
+
+    model = peft_linear(16, 24, 4)
+    with torch._inductor.config.patch(joint_custom_post_pass=UserPass()):
+        step(torch.compile(model, backend="runlora", options={"codegen": False}),
+             torch.randn(2, 3, 16, requires_grad=True))
+    assert len(seen) == 1 and runlora_counters()["sites_rewritten"] == 1
+
+
+def test_cache_key_covers_sources_options_and_chained_passes():
+    from lora_rewrite.passes import RunLoraPass, source_hash
+
+    class Keyed:
+        def __call__(self, graph):
+            pass
+
+        def uuid(self):
+            return "k1"
+
+    plain = RunLoraPass(RunLoraOptions())
+    assert source_hash() in plain.uuid()
+    assert plain.uuid() != RunLoraPass(RunLoraOptions(forward="forward2")).uuid()
+    assert "k1" in RunLoraPass(RunLoraOptions(), chained=(Keyed(),)).uuid()
+    # A chained pass Inductor cannot key makes the whole pass uncacheable, as it would be on its own.
+    assert RunLoraPass(RunLoraOptions(), chained=(lambda graph: None,)).uuid() is None
+
+
+def test_mode_reaches_inductor():
+    """torch.compile takes `mode` or `options`, not both; the backend applies `mode` as Inductor would."""
+    from lora_rewrite import runlora
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    seen = {}
+
+    class Probe(CustomGraphPass):
+        def __call__(self, graph):
+            seen["max_autotune"] = torch._inductor.config.max_autotune
+
+        def uuid(self):
+            return "probe"
+
+    def backend(gm, example_inputs):
+        return runlora(gm, example_inputs, mode="max-autotune-no-cudagraphs", options={"codegen": False})
+
+    model = peft_linear(16, 24, 4)
+    with torch._inductor.config.patch(joint_custom_post_pass=Probe()):
+        step(torch.compile(model, backend=backend), torch.randn(2, 3, 16, requires_grad=True))
+    assert seen == {"max_autotune": True} and runlora_counters()["sites_rewritten"] == 1

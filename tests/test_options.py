@@ -1,0 +1,76 @@
+"""Options: validation with errors that name the valid choices, and what each option changes."""
+
+import pytest
+import torch
+
+from helpers import peft_linear, runlora_counters, step
+from lora_rewrite.options import RunLoraOptions
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"critrion": "flops"}, "unknown runlora option(s) ['critrion']; valid runlora options are"),
+    ({"criterion": "speed"}, "'criterion' must be one of ['flops', 'roofline', 'time']"),
+    ({"forward": "forward3"}, "'forward' must be one of ['forward1', 'forward2']"),
+    ({"forward": "backward1"}, "'forward' must be one of ['forward1', 'forward2']"),
+    ({"backward": "backward6"}, "'backward' must be one of ['backward1', 'backward2', 'backward3', 'backward4', 'backward5']"),
+    ({"dynamic_policy": "always"}, "'dynamic_policy' must be one of ['hint', 'guard']"),
+    ({"codegen": "no"}, "'codegen' must be True or False"),
+    ({"inductor": {"not_a_config_key": 1}}, "unknown Inductor config key(s) ['not_a_config_key']"),
+    ({"inductor": 3}, "'inductor' must be a dict"),
+])
+def test_bad_options_name_the_valid_choices(options, message):
+    with pytest.raises(ValueError) as info:
+        RunLoraOptions.from_user(options)
+    assert message in str(info.value)
+
+
+def test_unknown_option_error_lists_every_valid_key():
+    with pytest.raises(ValueError) as info:
+        RunLoraOptions.from_user({"bogus": 1})
+    for key in ("criterion", "forward", "backward", "dynamic_policy", "codegen", "rewrite", "debug", "dump_dir",
+                "inductor"):
+        assert repr(key) in str(info.value)
+
+
+def test_a_bad_option_fails_the_compile_and_leaves_the_model_alone():
+    model = peft_linear(8, 8, 2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    compiled = torch.compile(model, backend="runlora", options={"criterion": "speed"})
+    with pytest.raises(Exception) as info:
+        compiled(torch.randn(3, 8))
+    assert "'criterion' must be one of ['flops', 'roofline', 'time']" in str(info.value)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert runlora_counters() == {}
+
+
+def test_inductor_keys_pass_through_as_stock_torch_compile_accepts_them():
+    opts = RunLoraOptions.from_user({"max_autotune": False, "inductor": {"fallback_random": True}})
+    assert dict(opts.inductor) == {"max_autotune": False, "fallback_random": True}
+
+
+def test_env_variables_fill_debug_and_dump_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("RUNLORA_DEBUG", "1")
+    monkeypatch.setenv("RUNLORA_DUMP_DIR", str(tmp_path))
+    opts = RunLoraOptions.from_user(None)
+    assert opts.debug is True and opts.dump_dir == str(tmp_path)
+    assert RunLoraOptions.from_user({"debug": False}).debug is False  # an explicit option wins
+
+
+def test_options_that_change_the_rewrite_change_the_cache_key():
+    base = RunLoraOptions()
+    keys = {base.rewrite_key()}
+    for change in ({"criterion": "roofline"}, {"forward": "forward2"}, {"backward": "backward3"},
+                   {"dynamic_policy": "guard"}, {"rewrite": False}):
+        keys.add(RunLoraOptions(**change).rewrite_key())
+    assert len(keys) == 6
+
+
+@pytest.mark.parametrize("criterion", ["flops", "roofline", "time"])
+def test_every_criterion_compiles_and_is_correct(criterion):
+    model = peft_linear(16, 24, 4)
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    y_ref, dx_ref, _ = step(model, x)
+    y, dx, _ = step(torch.compile(model, backend="runlora", options={"codegen": False, "criterion": criterion}), x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    assert runlora_counters()["sites_rewritten"] == 1
