@@ -32,11 +32,13 @@ def runlora(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, mode: st
     patches = {**compat.mode_config_patches(mode), **dict(opts.inductor),
                "joint_custom_post_pass": RunLoraPass(opts, chained=user_passes)}
     inner = None if opts.codegen else compat.eager_inner_compile
-    if opts.dump_dir:
-        from lora_rewrite.dump import dumping_inner_compile
+    if not opts.dump_dir:
+        return compat.compile_fx(gm, example_inputs, config_patches=patches, inner_compile=inner)
+    from lora_rewrite.dump import dumping_inner_compile
 
-        inner = dumping_inner_compile(opts.dump_dir, inner)
-    return compat.compile_fx(gm, example_inputs, config_patches=patches, inner_compile=inner)
+    with compat.eager_backward_compile():
+        return compat.compile_fx(gm, example_inputs, config_patches=patches,
+                                 inner_compile=dumping_inner_compile(opts.dump_dir, inner))
 
 
 def register() -> None:

@@ -32,6 +32,13 @@ def compile_fx(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, confi
     return _compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=config_patches)
 
 
+def compile_fx_inner(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
+    """Inductor's own `inner_compile` (code generation): what runs when no other is given."""
+    from torch._inductor.compile_fx import compile_fx_inner as _inner
+
+    return _inner(gm, example_inputs, **kwargs)
+
+
 def eager_inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any):
     """An Inductor `inner_compile` that generates no code: the partitioned graph runs op by op.
 
@@ -41,6 +48,16 @@ def eager_inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     from functorch.compile import make_boxed_func
 
     return make_boxed_func(gm.forward)
+
+
+def eager_backward_compile():
+    """Compile the backward graph together with the forward (AOTAutograd compiles it lazily, at the
+    first backward, by default): the dump then holds both partitioned graphs after one forward."""
+    import torch._functorch.config as functorch_config
+
+    if hasattr(functorch_config, "force_non_lazy_backward_lowering"):
+        return functorch_config.patch(force_non_lazy_backward_lowering=True)
+    return contextlib.nullcontext()
 
 
 def inductor_config():
@@ -205,14 +222,6 @@ def trace_artifact(name: str, payload_fn: Callable[[], str], encoding: str = "st
 
 @contextlib.contextmanager
 def fresh_compile_caches() -> Iterator[None]:
-    """Turn Inductor's and AOTAutograd's on-disk and in-memory compile caches off for a block."""
-    config = inductor_config()
-    patches = {}
-    for key in ("force_disable_caches", "fx_graph_cache", "autotune_local_cache"):
-        if hasattr(config, key):
-            patches[key] = key == "force_disable_caches"
-    with config.patch(patches):
-        import torch._functorch.config as functorch_config
-
-        with functorch_config.patch(enable_autograd_cache=False):
-            yield
+    """Inductor's and AOTAutograd's compile caches off for a block, so every compile runs our pass."""
+    with inductor_config().patch(force_disable_caches=True):
+        yield

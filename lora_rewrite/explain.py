@@ -1,7 +1,23 @@
-"""`explain(model, *args, **kwargs)`: compile a fresh copy of one call with runlora and report."""
+"""`lora_rewrite.explain(model, *args, **kwargs)`: what runlora does to one call of a model.
+
+    report = lora_rewrite.explain(peft_model, input_ids=ids, labels=ids)
+    print(report)            # a table: every rewritten site, every LoRA layer left untouched and why
+    report.to_dict()         # plain dicts (report.to_json() for a string)
+
+It compiles a fresh copy of the call with runlora — Dynamo's caches are reset first, as
+`torch._dynamo.explain` does, and Inductor's/AOTAutograd's compile caches are off for the call, so the
+pass really runs — runs the forward once (no backward: the joint graph is rewritten when the forward
+compiles), and returns the reports of every graph, with module paths resolved in your model.
+
+Besides the chains the pass found in the graphs, every PEFT LoRA layer of the model that no rewritten
+site belongs to is listed with the reason read off the module: adapters disabled, merged, DoRA, no
+active adapter, or not reached by this call.
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -9,14 +25,98 @@ import torch
 from lora_rewrite import compat, debug
 
 
-def explain(model, *args, options: dict | None = None, **kwargs) -> "debug.GraphReport | list":
-    """Run `model(*args, **kwargs)` compiled with runlora, with compile caches off; return the reports."""
+@dataclass
+class UntouchedLayer:
+    module: str
+    reason: str
+
+
+@dataclass
+class ExplainReport:
+    graphs: list = field(default_factory=list)        # debug.GraphReport, one per compiled graph
+    untouched: list = field(default_factory=list)     # UntouchedLayer: LoRA layers with no rewritten site
+
+    @property
+    def sites(self) -> list:
+        return [s for g in self.graphs for s in g.sites]
+
+    @property
+    def skipped(self) -> list:
+        return [s for g in self.graphs for s in g.skipped]
+
+    def to_dict(self) -> dict:
+        return {"graphs": [g.to_dict() for g in self.graphs], "untouched": [asdict(u) for u in self.untouched]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def __str__(self) -> str:
+        parts = [str(g) for g in self.graphs] or ["runlora compiled no graph"]
+        for site in self.sites:
+            parts.append(f"why {site.module}: " + _why(site))
+        if self.untouched:
+            parts.append("LoRA layers with no rewritten site:")
+            parts += [f"  {u.module}: {u.reason}" for u in self.untouched]
+        return "\n".join(parts)
+
+
+def _why(site) -> str:
+    def costs(c: dict) -> str:
+        if site.cost_unit == "FLOPs":
+            return ", ".join(f"{k}={int(v):,}" for k, v in c.items())
+        return ", ".join(f"{k}={v:.3g}s" for k, v in c.items())
+
+    text = f"forward {site.forward}"
+    if site.forward_costs:
+        text += f" ({site.criterion}: {costs(site.forward_costs)})"
+    if site.backward:
+        text += f"; backward {site.backward}"
+        if site.backward_costs:
+            text += f" ({site.criterion}: {costs(site.backward_costs)})"
+    if site.N_used is not None and not isinstance(site.N, int):
+        text += f"; N={site.N} decided at its size hint {site.N_used}"
+    return text
+
+
+def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """PEFT LoRA layers (they hold lora_A and a base_layer), by qualified name."""
+    return {name: m for name, m in model.named_modules()
+            if hasattr(m, "lora_A") and hasattr(m, "base_layer") and isinstance(getattr(m, "lora_A"), torch.nn.ModuleDict)}
+
+
+def _untouched_reason(layer: torch.nn.Module) -> str:
+    if getattr(layer, "disable_adapters", False):
+        return "adapters are disabled (disable_adapter()): the layer runs its base only"
+    if getattr(layer, "merged", False):
+        return "the adapter is merged into the base weight: there is no adapter product to rewrite"
+    active = [a for a in getattr(layer, "active_adapters", []) if a in layer.lora_A]
+    if not active:
+        return "no active adapter on this layer"
+    if any(getattr(layer, "use_dora", {}).get(a, False) for a in active):
+        return "DoRA: its magnitude rescaling is not covered by the rewrite"
+    if any(getattr(layer, "lora_bias", {}).get(a, False) for a in active):
+        return "lora_bias=True: not covered by the rewrite"
+    return "not reached by this call, or its products did not reach the graph in LoRA form (see the skipped chains)"
+
+
+def explain(model, *args, options: dict | None = None, **kwargs) -> ExplainReport:
+    """Compile `model(*args, **kwargs)` afresh with runlora (`options` are runlora's), run it, report."""
     from lora_rewrite.backend import runlora
 
-    opts = dict(options or {})
+    names_by_key = {str(id(m)): name for name, m in model.named_modules()}
     torch._dynamo.reset()
-    with compat.fresh_compile_caches(), debug.collect_reports() as reports:
-        compiled = torch.compile(model, backend=runlora, options=opts)
-        compiled(*args, **kwargs)
-    torch._dynamo.reset()
-    return reports
+    try:
+        with compat.fresh_compile_caches(), debug.collect_reports() as reports:
+            compiled = torch.compile(model, backend=runlora, options=dict(options or {}))
+            compiled(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
+    for report in reports:
+        for entry in list(report.sites) + list(report.skipped):
+            if entry.module_key in names_by_key:
+                entry.module = names_by_key[entry.module_key]
+    rewritten = {s.module for r in reports for s in r.sites}
+    skipped = {s.module: s.reason for r in reports for s in r.skipped}
+    untouched = [UntouchedLayer(name, skipped.get(name) or _untouched_reason(layer))
+                 for name, layer in _lora_layers(model).items() if name not in rewritten]
+    return ExplainReport(graphs=list(reports), untouched=untouched)

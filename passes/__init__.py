@@ -15,6 +15,7 @@ import torch
 from torch.fx import Graph
 
 from lora_rewrite import compat, debug
+from lora_rewrite.dump import GraphCapture
 from lora_rewrite.options import RunLoraOptions
 from lora_rewrite.variants import Dims, autograd_backward_gemms
 from lora_rewrite.passes.match import Site, Skip, match_graph, match_site
@@ -68,6 +69,7 @@ def rewrite_graph(graph: Graph, options: RunLoraOptions) -> debug.GraphReport:
     kind = "joint" if any(n.op == "placeholder" and "tangents" in str(n.target) for n in graph.nodes) \
         else "inference"
     report = debug.GraphReport(compat.compile_id(), kind, options.criterion)
+    capture = GraphCapture(graph, options.dump_dir)
     fake_mode = _fake_mode(graph) if anchors else None
     for anchor in anchors:
         matched = match_site(anchor, backward)
@@ -75,19 +77,22 @@ def rewrite_graph(graph: Graph, options: RunLoraOptions) -> debug.GraphReport:
             report.skipped.append(debug.SkipReport(matched.module_path, matched.reason, matched.module_key))
             continue
         plan = plan_site(matched, options)
+        before = capture.site_before(matched.nodes())
         try:
-            rewrite_site(graph, fake_mode, matched, plan.forward.variant,
-                         plan.backward.variant if plan.backward else None)
+            new_nodes = rewrite_site(graph, fake_mode, matched, plan.forward.variant,
+                                     plan.backward.variant if plan.backward else None)
         except RewriteError as e:
             debug.log.warning("runlora left %s untouched: %s", matched.module_path, e)
             report.skipped.append(debug.SkipReport(matched.module_path, f"rewrite failed, graph kept: {e}",
                                                    matched.module_key))
             continue
+        capture.site_after(matched.module_path, before, new_nodes)
         report.sites.append(_site_report(matched, plan, options.criterion))
     if report.sites:
         compat.stable_topological_sort(graph)
         graph.lint()
     debug.publish(report, debug=options.debug)
+    capture.finish(report)
     return report
 
 

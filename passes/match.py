@@ -124,6 +124,19 @@ class Site:
     merge_forward_block: str | None = None    # None: forward2 is legal here
     merge_backward_block: str | None = None   # None: backward4/5 are legal here
 
+    def nodes(self) -> list[Node]:
+        """Every node of the graph the site consists of, forward and backward."""
+        extra = [self.out, self.grad_a, self.grad_b, self.grad_x_lora]
+        if self.dx_sum is not None:
+            d = self.dx_sum
+            extra += [d.lora_end, d.lora_add, d.base_mm, d.base_end]
+        seen, result = set(), []
+        for n in list(self.forward_nodes) + list(self.backward_nodes) + extra:
+            if isinstance(n, Node) and n not in seen:
+                seen.add(n)
+                result.append(n)
+        return result
+
     @property
     def has_backward(self) -> bool:
         return self.grad_a is not None and self.grad_b is not None

@@ -211,10 +211,9 @@ def _position(node: Node | None) -> int:
     return cache[node]
 
 
-def rewrite_site(graph: Graph, fake_mode, site: Site, forward: Variant, backward: Variant | None) -> None:
-    """Replace the site's forward (and, when `backward` is given, its gradients) in place.
-
-    Raises RewriteError, leaving the graph untouched, if any new value does not check out."""
+def rewrite_site(graph: Graph, fake_mode, site: Site, forward: Variant, backward: Variant | None) -> list[Node]:
+    """Replace the site's forward (and, when `backward` is given, its gradients) in place; returns the
+    new nodes. Raises RewriteError, leaving the graph untouched, if any new value does not check out."""
     graph._runlora_order = None
     ops = GraphOps(graph, fake_mode)
     try:
@@ -229,7 +228,7 @@ def rewrite_site(graph: Graph, fake_mode, site: Site, forward: Variant, backward
         raise RewriteError(f"{type(e).__name__}: {e}") from e
 
     new_nodes = set(ops.created)
-    compat_tag_recompute(site.anchor)
+    keep_unsaved(site.anchor)
     if backward is not None and site.dx_mode == "total":
         # The adapter's summand leaves dX's sum: its add now passes the other summand through.
         lora_add = site.dx_sum.lora_add
@@ -239,22 +238,17 @@ def rewrite_site(graph: Graph, fake_mode, site: Site, forward: Variant, backward
         old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in new_nodes)
     _erase_dead(graph, site)
     graph._runlora_order = None
+    return list(ops.created)
 
 
-def compat_tag_recompute(node: Node) -> None:
+def keep_unsaved(node: Node) -> None:
     """If the old X·Aᵀ survives (its backward was not rewritten), it is still not to be saved."""
     node.meta["recompute"] = compat.must_recompute_policy()
 
 
 def _erase_dead(graph: Graph, site: Site) -> None:
     """Erase the site's old nodes that no longer have users, and their now-unused inputs."""
-    candidates = list(site.forward_nodes) + list(site.backward_nodes)
-    for n in (site.out, site.grad_a, site.grad_b, site.grad_x_lora):
-        if n is not None:
-            candidates.append(n)
-    if site.dx_sum is not None:
-        candidates += [site.dx_sum.lora_end, site.dx_sum.lora_add, site.dx_sum.base_mm, site.dx_sum.base_end]
-    pending = [n for n in candidates if isinstance(n, Node)]
+    pending = site.nodes()
     seen: set[Node] = set()
     while pending:
         node = pending.pop()

@@ -1,0 +1,115 @@
+"""`lora_rewrite.explain`: every site of a small Llama with module paths and variants; untouched layers
+with their reasons; a plain-data form."""
+
+import json
+
+import pytest
+import torch
+
+from helpers import peft_linear
+from lora_rewrite import explain
+from lora_rewrite.cost import choose
+from lora_rewrite.variants import BACKWARDS, FORWARDS, Dims
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(**config):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, **config))
+
+
+def test_explain_lists_every_site_of_a_small_llama():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 16))
+    report = explain(model, input_ids=ids, labels=ids, options={"codegen": False})
+    expected = {f"base_model.model.model.layers.{k}.{part}.{name}"
+                for k in range(2) for part, names in (("self_attn", TARGETS[:4]), ("mlp", TARGETS[4:]))
+                for name in names}
+    assert {s.module for s in report.sites} == expected and len(report.sites) == 14
+    assert report.untouched == [] and report.skipped == []
+    for s in report.sites:
+        assert (s.N, s.r, s.scale, s.dropout) == (32, 8, 2.0, False)
+        d = Dims(s.N, s.i, s.o, s.r, s.needs_dx)
+        assert s.forward == choose(FORWARDS, d, "flops").variant.name
+        assert s.backward == choose(BACKWARDS, d, "flops").variant.name
+        assert s.flops_after == FORWARDS[[v.name for v in FORWARDS].index(s.forward)].flops(d) + \
+            BACKWARDS[[v.name for v in BACKWARDS].index(s.backward)].flops(d)
+        assert s.saved_bytes_avoided == 32 * 8 * 4
+    # The first layer's q/k/v read the (frozen) embeddings: no input gradient there.
+    first_qkv = [s for s in report.sites if ".layers.0.self_attn." in s.module and s.module[-6:] != "o_proj"]
+    assert first_qkv and all(not s.needs_dx for s in first_qkv)
+    text = str(report)
+    assert "base_model.model.model.layers.1.mlp.down_proj" in text and "why " in text
+
+
+def test_explain_lists_dora_layers_as_untouched_with_the_reason():
+    model = tiny_llama(use_dora=True)
+    ids = torch.randint(0, 128, (2, 8))
+    report = explain(model, input_ids=ids, options={"codegen": False})
+    assert report.sites == []
+    assert len(report.untouched) == 14
+    assert all(u.reason for u in report.untouched)
+    assert any("DoRA" in u.reason or "not a scalar" in u.reason for u in report.untouched)
+
+
+def test_explain_under_disable_adapter_says_the_adapters_are_disabled():
+    model = peft_linear(16, 24, 4)
+    with model.disable_adapter():
+        report = explain(model, torch.randn(2, 3, 16), options={"codegen": False})
+    assert report.sites == []
+    (layer,) = report.untouched
+    assert layer.module == "base_model.model.proj" and "disable_adapter" in layer.reason
+
+
+def test_explain_on_a_merged_adapter():
+    model = peft_linear(16, 24, 4)
+    model.merge_adapter()
+    report = explain(model, torch.randn(2, 3, 16), options={"codegen": False})
+    (layer,) = report.untouched
+    assert "merged" in layer.reason
+
+
+def test_explain_resolves_paths_across_graph_breaks():
+    """GPT-2's LM head breaks the graph; the compiled frame is then the inner model, and the report
+    still names modules by their path in the model that was passed in."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = get_peft_model(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32)),
+                           LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    ids = torch.randint(0, 64, (2, 8))
+    report = explain(model, input_ids=ids, labels=ids, options={"codegen": False})
+    assert [s.module for s in report.sites] == ["base_model.model.transformer.h.0.attn.c_attn"]
+
+
+def test_report_converts_to_plain_data():
+    model = peft_linear(16, 24, 4)
+    report = explain(model, torch.randn(2, 3, 16, requires_grad=True), options={"codegen": False})
+    data = json.loads(report.to_json())
+    (site,) = data["graphs"][0]["sites"]
+    for key in ("module", "N", "i", "o", "r", "scale", "dropout", "forward", "backward", "flops_before",
+                "flops_after", "saved_bytes_avoided", "forward_costs", "backward_costs", "notes"):
+        assert key in site
+    assert (site["i"], site["o"], site["r"], site["N"]) == (16, 24, 4, 6)
+    assert data == report.to_dict() | {}
+
+
+def test_explain_compiles_afresh_every_time():
+    model = peft_linear(16, 24, 4)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    first = explain(model, x, options={"codegen": False})
+    again = explain(model, x, options={"codegen": False, "forward": "forward2"})
+    assert first.sites[0].forward == "forward1" and again.sites[0].forward == "forward2"
+    assert len(explain(model, x, options={"codegen": False}).sites) == 1
+
+
+def test_explain_passes_bad_options_errors_through():
+    with pytest.raises(Exception, match="must be one of"):
+        explain(peft_linear(8, 8, 2), torch.randn(2, 8), options={"criterion": "fastest"})
