@@ -110,3 +110,45 @@ def test_a_forced_merged_variant_that_is_illegal_falls_back_and_says_so():
     assert (site.forward, site.backward) == ("forward1", "backward1")
     assert any("forced forward2 is illegal here" in n and "lora_dropout" in n for n in site.notes)
     assert any("forced backward5 is illegal here" in n for n in site.notes)
+
+
+def test_widened_copies_of_x_and_narrowed_weight_copies_are_not_saved():
+    """PEFT's default fp32 adapters on a bf16 model: stock Inductor keeps an fp32 copy of X for the
+    adapter; runlora keeps the bf16 X and redoes the cast. Under autocast: stock keeps bf16 copies of the
+    fp32 weights; runlora recomputes them from the parameters."""
+    from peft import LoraConfig, get_peft_model
+
+    from helpers import OneLinear
+
+    lead, i, o, r = (4, 32), 64, 96, 8
+    N = lead[0] * lead[1]
+    torch.manual_seed(0)
+    bf16_model = get_peft_model(OneLinear(i, o).to(torch.bfloat16), LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]))
+    x = torch.randn(*lead, i, dtype=torch.bfloat16, requires_grad=True)
+
+    class Autocast(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.inner(x)
+
+    fp32_model = peft_linear(i, o, r)
+    autocast_model = Autocast(fp32_model)
+    x32 = torch.randn(*lead, i, requires_grad=True)
+    cases = [
+        # model, input, at least this many bytes fewer: X·Aᵀ (fp32) + the fp32 copy of X beyond bf16 X
+        (bf16_model, x, N * r * 4 + N * i * 2),
+        # X·Aᵀ (bf16) + the bf16 copy of W
+        (autocast_model, x32, N * r * 2 + o * i * 2),
+    ]
+    for model, inp, fewer in cases:
+        torch._dynamo.reset()
+        stock = runlora(model, rewrite=False)
+        before = activation_bytes_saved_for_backward(model, lambda: stock(inp))
+        torch._dynamo.reset()
+        ours = runlora(model)
+        after = activation_bytes_saved_for_backward(model, lambda: ours(inp))
+        assert before - after >= fewer, (type(model).__name__, before, after)
