@@ -84,28 +84,32 @@ def _linear_in_n(variant: Variant, dims: Dims) -> tuple[int, int]:
     return f1 - f0, f0
 
 
-def _guard_interval(site: Site, n: Any, hint: int, forward: Choice, forwards, backward: Choice | None,
-                    backwards, notes: list) -> None:
-    """Guard that N stays where the chosen variants stay the cheapest (the interval contains `hint`)."""
+def stable_interval(dims: Dims, stages) -> tuple[int, int | None]:
+    """[lo, hi]: the token counts N for which each stage's `chosen` variant stays the flops criterion's
+    choice among its `legal` ones (hi None: unbounded). `stages` is a list of (chosen, legal)."""
     lo, hi = 1, None
-    for choice, variants in ((forward, forwards), (backward, backwards)):
-        if choice is None or choice.forced:
-            continue
-        legal = _legal(variants, site)
-        chosen = choice.variant
-        ca, cb = _linear_in_n(chosen, site.dims)
+    for chosen, legal in stages:
+        ca, cb = _linear_in_n(chosen, dims)
         for v in legal:
             if v is chosen:
                 continue
-            va, vb = _linear_in_n(v, site.dims)
-            slope, offset = va - ca, vb - cb          # cost(v) - cost(chosen) = slope·N + offset
-            strict = legal.index(v) < legal.index(chosen)   # ties go to the earlier variant
-            if slope > 0:     # chosen stays better for N above a threshold
-                bound = -offset // slope + 1 if strict else -(offset // slope)
-                lo = max(lo, bound)
+            va, vb = _linear_in_n(v, dims)
+            slope, offset = va - ca, vb - cb              # cost(v) - cost(chosen) = slope·N + offset
+            strict = legal.index(v) < legal.index(chosen)  # ties go to the earlier variant
+            if slope > 0:     # chosen stays the cheaper for N above a threshold
+                lo = max(lo, -offset // slope + 1 if strict else -(offset // slope))
             elif slope < 0:   # … below a threshold
                 bound = (offset - 1) // (-slope) if strict else offset // (-slope)
                 hi = bound if hi is None else min(hi, bound)
+    return lo, hi
+
+
+def _guard_interval(site: Site, n: Any, hint: int, forward: Choice, forwards, backward: Choice | None,
+                    backwards, notes: list) -> None:
+    """Guard that N stays where the chosen variants stay the cheapest (the interval contains `hint`)."""
+    stages = [(c.variant, _legal(variants, site)) for c, variants in ((forward, forwards), (backward, backwards))
+              if c is not None and not c.forced]
+    lo, hi = stable_interval(site.dims, stages)
     if lo > 1:
         compat.guard_bool(n >= lo)
     if hi is not None:
