@@ -5,6 +5,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import os
+import subprocess
+import sys
 
 import torch
 import torch.nn as nn
@@ -127,3 +130,53 @@ def activation_bytes_saved_for_backward(model, fn) -> int:
 
 def runlora_counters() -> dict:
     return dict(torch._dynamo.utils.counters["runlora"])
+
+
+class Autocast(nn.Module):
+    """Runs the wrapped model under torch.autocast(bfloat16) on the CPU."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.inner(x)
+
+
+# The start of every fresh-interpreter script: a one-linear PEFT model, built without importing lora_rewrite.
+FRESH_PRELUDE = """
+import json, sys
+import torch, torch.nn as nn
+from peft import LoraConfig, get_peft_model
+
+class OneLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 24)
+
+    def forward(self, x):
+        return self.proj(x)
+
+def peft_model(**config):
+    torch.manual_seed(0)
+    return get_peft_model(OneLinear(), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], **config))
+"""
+
+
+def run_fresh_python(code: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run FRESH_PRELUDE + code in a new interpreter (compile caches off unless `env` says otherwise)."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("TORCH_LOGS", "RUNLORA_DEBUG", "RUNLORA_DUMP_DIR")}
+    full_env["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-c", FRESH_PRELUDE + code], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def result_line(proc: subprocess.CompletedProcess) -> dict:
+    import json
+
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])

@@ -1,33 +1,14 @@
 """The backend as users meet it: the name "runlora" in a fresh interpreter, real Inductor code generation,
 compile caches, a user's own joint pass, torch.compile's `mode`."""
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
-from helpers import assert_close_to, peft_linear, runlora_counters, step
+from helpers import assert_close_to, peft_linear, result_line, run_fresh_python, runlora_counters, step
 from lora_rewrite.options import RunLoraOptions
 
 TRAIN_ONE_STEP = """
-import json, sys
-import torch, torch.nn as nn
-from peft import LoraConfig, get_peft_model
-
-class M(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(16, 24)
-
-    def forward(self, x):
-        return self.proj(x)
-
-torch.manual_seed(0)
-model = get_peft_model(M(), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+model = peft_model()
 params = [p for p in model.parameters() if p.requires_grad]
 before = [p.detach().clone() for p in params]
 opt = torch.optim.AdamW(params, lr=1e-2)
@@ -46,13 +27,8 @@ print("RESULT", json.dumps({{"imported_before": imported_before,
 """
 
 
-def run_fresh(prelude: str = "", options: str = "{}", env: dict | None = None) -> dict:
-    code = TRAIN_ONE_STEP.format(prelude=prelude, options=options)
-    full_env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+def run_fresh(prelude: str = "", options: str = "{}") -> dict:
+    return result_line(run_fresh_python(TRAIN_ONE_STEP.format(prelude=prelude, options=options)))
 
 
 def test_fresh_interpreter_trains_a_step_without_importing_lora_rewrite():
@@ -85,20 +61,9 @@ def test_real_inductor_code_generation_matches_eager(forward, backward):
 
 
 CACHE_SCRIPT = """
-import json, torch, torch.nn as nn
-from peft import LoraConfig, get_peft_model
 from torch._dynamo.utils import counters
 
-class M(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(16, 24)
-
-    def forward(self, x):
-        return self.proj(x)
-
-torch.manual_seed(0)
-model = get_peft_model(M(), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+model = peft_model()
 x = torch.randn(4, 8, 16)
 ref = model(x)
 out = {}
@@ -116,10 +81,8 @@ print("RESULT", json.dumps(out))
 
 
 def test_compile_caches_stay_on_and_never_serve_a_stale_rewrite(tmp_path):
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "0"}
-    proc = subprocess.run([sys.executable, "-c", CACHE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+    out = result_line(run_fresh_python(CACHE_SCRIPT, env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path),
+                                                          "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "0"}))
     assert out["first"]["rewritten"] == 1
     # Same options: served from the cache, so the pass does not even run, and the result is right.
     assert out["again"]["rewritten"] == 0 and out["again"]["close"]

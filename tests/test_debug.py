@@ -1,37 +1,19 @@
 """Debug output: log lines under TORCH_LOGS, the debug option, counters."""
 
-import os
-import subprocess
-import sys
-
 import torch
 
-from helpers import peft_linear, runlora_counters, step
+from helpers import peft_linear, run_fresh_python, runlora_counters, step
 
 SCRIPT = """
-import torch, torch.nn as nn
-from peft import LoraConfig, get_peft_model
-class M(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(16, 24)
-        self.plain = nn.Linear(24, 24)
-    def forward(self, x):
-        return self.plain(self.proj(x))
 for lora_bias in (False, True):   # the second model's site is left untouched (lora_bias)
     torch._dynamo.reset()
-    model = get_peft_model(M(), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], lora_bias=lora_bias))
+    model = peft_model(lora_bias=lora_bias)
     torch.compile(model, backend="runlora", options={options})(torch.randn(2, 3, 16)).sum().backward()
 """
 
 
 def run(env_extra, options="{'codegen': False}"):
-    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_LOGS", "RUNLORA_DEBUG")}
-    env.update({"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1", **env_extra})
-    code = SCRIPT.format(options=options)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stderr
+    return run_fresh_python(SCRIPT.format(options=options), env=env_extra).stderr
 
 
 def test_torch_logs_shows_each_site_and_each_untouched_one_with_the_compile_id():

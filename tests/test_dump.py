@@ -1,13 +1,10 @@
 """The dump directory and the structured-trace artifacts."""
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
 
-from helpers import peft_linear, step
+from helpers import peft_linear, run_fresh_python
 
 
 def test_dump_dir_holds_graphs_report_and_pictures(tmp_path):
@@ -37,23 +34,12 @@ def test_dump_of_an_inference_graph(tmp_path):
 
 
 TRACE_SCRIPT = """
-import torch, torch.nn as nn
-from peft import LoraConfig, get_peft_model
-class M(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(16, 24)
-    def forward(self, x):
-        return self.proj(x)
-model = get_peft_model(M(), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
-torch.compile(model, backend="runlora", options={"codegen": False})(torch.randn(2, 3, 16)).sum().backward()
+torch.compile(peft_model(), backend="runlora", options={"codegen": False})(torch.randn(2, 3, 16)).sum().backward()
 """
 
 
 def test_structured_trace_artifacts_for_tlparse(tmp_path):
-    env = {**os.environ, "TORCH_TRACE": str(tmp_path), "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
-    proc = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_fresh_python(TRACE_SCRIPT, env={"TORCH_TRACE": str(tmp_path)})
     logs = "".join(p.read_text() for p in tmp_path.iterdir() if p.is_file())
     for name in ("runlora_joint_before", "runlora_joint_after", "runlora_report"):
         assert f'"name": "{name}"' in logs

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import OneLinear, assert_close_to, peft_linear, randomize_adapters, runlora, runlora_counters, step
+from helpers import Autocast, OneLinear, assert_close_to, peft_linear, randomize_adapters, runlora, runlora_counters, step
 from lora_rewrite import debug
 
 
@@ -102,15 +102,6 @@ def test_bf16_adapters():
 def test_autocast_on_an_fp32_model():
     model = peft_linear(16, 24, 4)
     x = torch.randn(2, 5, 16, requires_grad=True)
-
-    class Autocast(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return self.inner(x)
 
     for forward, backward in (("forward1", "backward1"), ("forward2", "backward5")):
         torch._dynamo.reset()

@@ -118,22 +118,13 @@ def test_widened_copies_of_x_and_narrowed_weight_copies_are_not_saved():
     fp32 weights; runlora recomputes them from the parameters."""
     from peft import LoraConfig, get_peft_model
 
-    from helpers import OneLinear
+    from helpers import Autocast, OneLinear
 
     lead, i, o, r = (4, 32), 64, 96, 8
     N = lead[0] * lead[1]
     torch.manual_seed(0)
     bf16_model = get_peft_model(OneLinear(i, o).to(torch.bfloat16), LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]))
     x = torch.randn(*lead, i, dtype=torch.bfloat16, requires_grad=True)
-
-    class Autocast(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return self.inner(x)
 
     fp32_model = peft_linear(i, o, r)
     autocast_model = Autocast(fp32_model)
