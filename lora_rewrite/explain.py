@@ -84,7 +84,18 @@ def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
             if hasattr(m, "lora_A") and hasattr(m, "base_layer") and isinstance(getattr(m, "lora_A"), torch.nn.ModuleDict)}
 
 
-def _untouched_reason(layer: torch.nn.Module) -> str:
+NOT_REACHED = "not reached by this call, or its products did not reach the graph in LoRA form"
+
+
+def _untouched_reason(layer: torch.nn.Module, graph_reason: str | None) -> str:
+    """What the module's own state says (DoRA, disabled, merged, …), with what the graph showed."""
+    own = _module_reason(layer)
+    if own is None:
+        return graph_reason or NOT_REACHED
+    return f"{own} (in the graph: {graph_reason})" if graph_reason else own
+
+
+def _module_reason(layer: torch.nn.Module) -> str | None:
     if getattr(layer, "disable_adapters", False):
         return "adapters are disabled (disable_adapter()): the layer runs its base only"
     if getattr(layer, "merged", False):
@@ -96,7 +107,7 @@ def _untouched_reason(layer: torch.nn.Module) -> str:
         return "DoRA: its magnitude rescaling is not covered by the rewrite"
     if any(getattr(layer, "lora_bias", {}).get(a, False) for a in active):
         return "lora_bias=True: not covered by the rewrite"
-    return "not reached by this call, or its products did not reach the graph in LoRA form (see the skipped chains)"
+    return None
 
 
 def explain(model, *args, options: dict | None = None, **kwargs) -> ExplainReport:
@@ -117,6 +128,6 @@ def explain(model, *args, options: dict | None = None, **kwargs) -> ExplainRepor
                 entry.module = names_by_key[entry.module_key]
     rewritten = {s.module for r in reports for s in r.sites}
     skipped = {s.module: s.reason for r in reports for s in r.skipped}
-    untouched = [UntouchedLayer(name, skipped.get(name) or _untouched_reason(layer))
+    untouched = [UntouchedLayer(name, _untouched_reason(layer, skipped.get(name)))
                  for name, layer in _lora_layers(model).items() if name not in rewritten]
     return ExplainReport(graphs=list(reports), untouched=untouched)

@@ -54,8 +54,7 @@ def test_explain_lists_dora_layers_as_untouched_with_the_reason():
     report = explain(model, input_ids=ids, options={"codegen": False})
     assert report.sites == []
     assert len(report.untouched) == 14
-    assert all(u.reason for u in report.untouched)
-    assert any("DoRA" in u.reason or "not a scalar" in u.reason for u in report.untouched)
+    assert all(u.reason.startswith("DoRA") for u in report.untouched)
 
 
 def test_explain_under_disable_adapter_says_the_adapters_are_disabled():
