@@ -1,0 +1,199 @@
+"""The result table: the paper's columns (Implementation | Mean F-B loop, ms | Memory, MB | Speedup, % |
+Memory saved, MB), with the median instead of the mean (the protocol's statistic; the mean is in the
+CSV and JSON), its min–max spread, speedup over eager AND over stock Inductor, the ratio to the frozen
+floor and the first-step (compile) time.
+
+Speedup, % is the paper's: (t_ref − t) / t_ref · 100 on medians, so 13.6 means 13.6 % less time
+than the reference. Memory saved, MB is the reference's memory minus this row's.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from lora_rewrite.bench.measure import Measurement
+
+MB = 2**20
+
+COLUMNS = [
+    ("implementation", "Implementation"),
+    ("median_ms", "Median F-B loop, ms"),
+    ("spread_ms", "min–max, ms"),
+    ("memory_mb", "Memory, MB"),
+    ("speedup_vs_eager_pct", "Speedup vs eager, %"),
+    ("speedup_vs_inductor_pct", "Speedup vs inductor, %"),
+    ("memory_saved_vs_eager_mb", "Memory saved vs eager, MB"),
+    ("memory_saved_vs_inductor_mb", "Memory saved vs inductor, MB"),
+    ("ratio_to_frozen", "× frozen"),
+    ("first_step_s", "First step (compile), s"),
+]
+CSV_FIELDS = ["case", "implementation", "median_ms", "mean_ms", "min_ms", "max_ms", "samples",
+              "memory_mb", "cuda_peak_mb", "saved_for_backward_mb", "speedup_vs_eager_pct",
+              "speedup_vs_inductor_pct", "memory_saved_vs_eager_mb", "memory_saved_vs_inductor_mb",
+              "ratio_to_frozen", "first_step_s", "sites_rewritten", "variants"]
+
+
+@dataclass
+class Row:
+    implementation: str
+    median_ms: float
+    mean_ms: float
+    min_ms: float
+    max_ms: float
+    samples: int
+    memory_mb: float | None
+    cuda_peak_mb: float | None
+    saved_for_backward_mb: float | None
+    first_step_s: float | None
+    speedup_vs_eager_pct: float | None = None
+    speedup_vs_inductor_pct: float | None = None
+    memory_saved_vs_eager_mb: float | None = None
+    memory_saved_vs_inductor_mb: float | None = None
+    ratio_to_frozen: float | None = None
+    sites_rewritten: int | None = None
+    variants: dict = field(default_factory=dict)
+    samples_ms: list = field(default_factory=list)
+
+    @property
+    def spread_ms(self) -> str:
+        return f"{self.min_ms:.2f}–{self.max_ms:.2f}"
+
+
+@dataclass
+class Case:
+    """One table: a model or a layer shape, with its settings and rows."""
+
+    title: str
+    settings: dict
+    rows: list[Row]
+    notes: list[str] = field(default_factory=list)
+
+
+def _speedup(reference: Row | None, row: Row) -> float | None:
+    if reference is None or reference is row:
+        return None
+    return (reference.median_ms - row.median_ms) / reference.median_ms * 100.0
+
+
+def _saved(reference: Row | None, row: Row) -> float | None:
+    if reference is None or reference is row or reference.memory_mb is None or row.memory_mb is None:
+        return None
+    return reference.memory_mb - row.memory_mb
+
+
+def build_rows(measurements: Sequence[Measurement], *, cuda: bool) -> list[Row]:
+    rows = []
+    for m in measurements:
+        peak = None if m.peak_bytes is None else m.peak_bytes / MB
+        saved = None if m.saved_bytes is None else m.saved_bytes / MB
+        rows.append(Row(
+            implementation=m.name, median_ms=m.median_s * 1e3, mean_ms=m.mean_s * 1e3, min_ms=m.min_s * 1e3,
+            max_ms=m.max_s * 1e3, samples=len(m.samples_s), memory_mb=peak if cuda else saved,
+            cuda_peak_mb=peak, saved_for_backward_mb=saved, first_step_s=m.first_step_s,
+            sites_rewritten=m.runlora_counters.get("sites_rewritten", 0) if m.runlora else None,
+            variants=m.runlora_choices, samples_ms=[s * 1e3 for s in m.samples_s]))
+    by_name = {r.implementation: r for r in rows}
+    eager, inductor, frozen = by_name.get("eager"), by_name.get("inductor"), by_name.get("frozen")
+    for row in rows:
+        row.speedup_vs_eager_pct = _speedup(eager, row)
+        row.speedup_vs_inductor_pct = _speedup(inductor, row)
+        row.memory_saved_vs_eager_mb = _saved(eager, row)
+        row.memory_saved_vs_inductor_mb = _saved(inductor, row)
+        if frozen is not None:
+            row.ratio_to_frozen = row.median_ms / frozen.median_ms
+    return rows
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _cell(row: Row, key: str) -> str:
+    if key == "spread_ms":
+        return row.spread_ms
+    if key == "ratio_to_frozen":
+        return _fmt(row.ratio_to_frozen, 3)
+    if key.startswith("memory"):
+        return _fmt(getattr(row, key), 3)
+    return _fmt(getattr(row, key))
+
+
+def markdown_table(case: Case) -> str:
+    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |",
+             "| " + " | ".join(":---:" for _ in COLUMNS) + " |",
+             f"| **{case.title}** |" + " |" * (len(COLUMNS) - 1)]
+    for row in case.rows:
+        lines.append("| " + " | ".join(_cell(row, key) for key, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def variants_summary(case: Case) -> list[str]:
+    lines = []
+    for row in case.rows:
+        if not row.variants:
+            continue
+        choices = ", ".join(f"{count}× {what}" for what, count in row.variants.get("choices", {}).items())
+        skipped = row.variants.get("skipped") or {}
+        skipped_text = "; untouched: " + ", ".join(f"{n}× {why}" for why, n in skipped.items()) if skipped else ""
+        lines.append(f"- {row.implementation}: {row.variants.get('sites', 0)} site(s) rewritten: "
+                     f"{choices or 'none'}{skipped_text}")
+    return lines
+
+
+def markdown_report(cases: Sequence[Case], meta: dict) -> str:
+    machine = meta["machine"]
+    device = machine.get("gpu") or machine.get("cpu")
+    out = [f"# runlora-bench — {device}", "",
+           f"- command: `{meta['command']}`",
+           f"- date: {machine['date']}; torch {machine['torch']}, transformers {machine.get('transformers')}, "
+           f"peft {machine.get('peft')}; {machine['device']}, {machine['torch_threads']} thread(s) "
+           f"of {machine['cores']} core(s)",
+           f"- memory: {meta['memory_method']}",
+           f"- timing: median of {meta['rounds']}+ interleaved rounds after {meta['warmup']} warm-up round(s); "
+           f"spread is min–max; speedup = (t_ref − t) / t_ref on medians",
+           ]
+    out += [f"- {note}" for note in meta.get("notes", [])]
+    for case in cases:
+        out += ["", f"## {case.title}", ""]
+        out += [f"- {note}" for note in case.notes]
+        if case.notes:
+            out.append("")
+        out.append(markdown_table(case))
+        summary = variants_summary(case)
+        if summary:
+            out += [""] + summary
+    return "\n".join(out) + "\n"
+
+
+def write_csv(path, cases: Sequence[Case]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for case in cases:
+            for row in case.rows:
+                record = {k: getattr(row, k) for k in CSV_FIELDS if k not in ("case", "variants")}
+                record["case"] = case.title
+                record["variants"] = json.dumps(row.variants.get("choices", {})) if row.variants else ""
+                writer.writerow(record)
+
+
+def to_json(cases: Sequence[Case], meta: dict) -> dict:
+    return {
+        **meta,
+        "columns": {key: title for key, title in COLUMNS},
+        "cases": [{"title": c.title, "settings": c.settings, "notes": c.notes,
+                   "rows": [dict(vars(r)) for r in c.rows]} for c in cases],
+    }
+
+
+def write_json(path, cases: Sequence[Case], meta: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(to_json(cases, meta), f, indent=2, default=str)
+        f.write("\n")

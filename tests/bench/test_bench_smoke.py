@@ -1,0 +1,102 @@
+"""The runlora-bench command end to end, at toy sizes: layer mode and model mode (tiny-llama).
+
+Compiled without Inductor code generation (--no-codegen) and with one round (--smoke): these tests
+check what the command produces (table, CSV, JSON, PNGs, rows and columns), not speed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from lora_rewrite.bench import report
+from lora_rewrite.bench.__main__ import PROTOCOL_MIN_ROUNDS, PROTOCOL_MIN_WARMUP, build_parser, main
+
+SMOKE = ["--smoke", "--rounds", "1", "--warmup", "1", "--no-codegen", "--no-progress", "--plot"]
+ROWS = ["eager", "inductor", "runlora-flops", "frozen"]
+
+
+def _read_outputs(prefix):
+    with open(f"{prefix}.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    with open(f"{prefix}.json") as f:
+        data = json.load(f)
+    return csv_rows, data
+
+
+def _check_table(markdown: str, titles):
+    for _, header in report.COLUMNS:
+        assert header in markdown
+    for title in titles:
+        assert f"**{title}**" in markdown
+    for name in ROWS:
+        assert f"| {name} |" in markdown
+
+
+def test_layer_mode(tmp_path, capsys):
+    prefix = tmp_path / "layer"
+    assert main(["--layer", "--in", "32", "--out-features", "32", "48", "--tokens", "64", "--rank", "4",
+                 "-o", str(prefix), *SMOKE]) == 0
+    printed = capsys.readouterr().out
+    titles = ["i=32 o=32 N=64 (b=32) r=4 fp32", "i=32 o=48 N=64 (b=32) r=4 fp32"]
+    _check_table(printed, titles)
+    assert (tmp_path / "layer.md").read_text() in printed
+
+    csv_rows, data = _read_outputs(prefix)
+    assert list(csv_rows[0]) == report.CSV_FIELDS
+    assert [(r["case"], r["implementation"]) for r in csv_rows] == [(t, n) for t in titles for n in ROWS]
+    assert [c["title"] for c in data["cases"]] == titles
+    assert data["command"].startswith("runlora-bench --layer --in 32")
+    assert {"cpu", "torch", "date", "device"} <= set(data["machine"])
+    for case in data["cases"]:
+        rows = {r["implementation"]: r for r in case["rows"]}
+        assert rows["frozen"]["ratio_to_frozen"] == pytest.approx(1.0)
+        assert rows["eager"]["speedup_vs_eager_pct"] is None
+        assert rows["runlora-flops"]["sites_rewritten"] == 1
+        assert rows["inductor"]["sites_rewritten"] is None
+        # the frozen linear saves nothing for backward: its dX needs only W, a parameter
+        assert rows["frozen"]["saved_for_backward_mb"] == 0
+        assert rows["eager"]["saved_for_backward_mb"] > 0
+        assert all(r["samples"] == 1 and r["first_step_s"] > 0 for r in rows.values())
+    for png in ("layer_speedup.png", "layer_map_i32_o32.png", "layer_map_i32_o48.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_mode_tiny_llama(tmp_path, capsys):
+    prefix = tmp_path / "tiny"
+    assert main(["-m", "tiny-llama", "--n_batch", "1", "--seq_len", "8", "-r", "4", "-o", str(prefix), *SMOKE]) == 0
+    title = "tiny-llama b=1 s=8 r=4 fp32"
+    _check_table(capsys.readouterr().out, [title])
+
+    csv_rows, data = _read_outputs(prefix)
+    assert [r["implementation"] for r in csv_rows] == ROWS
+    (case,) = data["cases"]
+    assert case["settings"]["lora_sites"] == 14          # 2 layers × 7 linears
+    rows = {r["implementation"]: r for r in case["rows"]}
+    assert rows["runlora-flops"]["sites_rewritten"] == 14
+    assert sum(rows["runlora-flops"]["variants"]["choices"].values()) == 14
+    assert data["memory_method"].startswith("bytes saved for backward")
+    shapes = [tuple(s) for s in case["settings"]["lora_shapes"]]
+    assert shapes == [(64, 64), (64, 172), (172, 64)]
+    for i, o in shapes:
+        assert (tmp_path / f"tiny_map_i{i}_o{o}.png").is_file()
+    assert (tmp_path / "tiny_speedup.png").is_file()
+
+
+def test_protocol_minimums_are_the_defaults_and_enforced(capsys):
+    args = build_parser().parse_args(["-m", "tiny-llama"])
+    assert args.rounds >= PROTOCOL_MIN_ROUNDS >= 11
+    assert args.warmup >= PROTOCOL_MIN_WARMUP >= 3
+    with pytest.raises(SystemExit):
+        main(["-m", "tiny-llama", "--rounds", "3"])
+    with pytest.raises(SystemExit):
+        main(["-m", "tiny-llama", "--warmup", "1"])
+    assert "protocol" in capsys.readouterr().err
+
+
+def test_output_prefix_is_not_out_features(capsys):
+    with pytest.raises(SystemExit):
+        main(["--layer", "--out", "1024"])
+    assert "--out-features" in capsys.readouterr().err
