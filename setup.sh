@@ -11,4 +11,6 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION}"
 .venv/bin/python -m pip install -q -e ".[dev]"
+# An editable install leaves out lora_rewrite-startup.pth (Trainer's torch_compile_backend="runlora").
+.venv/bin/python -m _lora_rewrite_startup >/dev/null
 .venv/bin/python -c "import torch, peft, transformers; print(f'lora_rewrite env ready: torch {torch.__version__}, peft {peft.__version__}, transformers {transformers.__version__}')"

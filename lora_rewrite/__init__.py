@@ -24,6 +24,13 @@ def _installed_entry_point() -> bool:
         return False
 
 
+try:  # accelerate (Hugging Face Trainer) checks backend names against its own list: add "runlora"
+    import _lora_rewrite_startup
+
+    _lora_rewrite_startup.install()
+except ImportError:
+    pass
+
 # Installed: Dynamo loads the backend through the entry point, which must find the name unregistered
 # (it registers it itself). From a source checkout there is no entry point: register here.
 if not _installed_entry_point():

@@ -644,14 +644,16 @@ def _find_input_grad_sum(site: Site) -> InputGradSum | None:
 
 
 def _merge_backward_block(site: Site) -> str | None:
-    if site.grad_x_lora is None:
-        return None  # no dX: backward4/5 merge nothing and tie with 3/1
+    # Without dX, backward4/5 merge nothing (they compute what 3/1 do); they stay illegal wherever a
+    # merge would be, so no report ever shows a merged variant under dropout or a dtype split.
     if site.linear is None:
         return "the base result is not a plain linear of the input (another adapter, or a quantized base)"
     if site.dtype != site.base_dtype:
         return MERGE_DTYPE_BLOCK.format(site.dtype, site.base_dtype)
     if site.dropout:
         return "lora_dropout: the adapter's input differs from the base's"
+    if site.grad_x_lora is None:
+        return None
     if site.dx_sum is None:
         return "the base layer's input gradient dY·W was not found in the same sum as the adapter's"
     return None

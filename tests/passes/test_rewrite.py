@@ -99,11 +99,14 @@ def test_rewrite_false_leaves_the_graph_alone():
     assert runlora_counters() == {}
 
 
-def test_a_forced_merged_variant_that_is_illegal_falls_back_and_says_so():
+@pytest.mark.parametrize("x_grad", [True, False], ids=["xgrad", "noxgrad"])
+def test_a_forced_merged_variant_that_is_illegal_falls_back_and_says_so(x_grad):
+    """Under dropout a merged variant is never chosen, even where X needs no gradient (backward5 would
+    then merge nothing, but the counters and report must never show a merged variant under dropout)."""
     from lora_rewrite import debug
 
     model = peft_linear(16, 24, 4, dropout=0.2)
-    x = torch.randn(2, 3, 16, requires_grad=True)
+    x = torch.randn(2, 3, 16, requires_grad=x_grad)
     with debug.collect_reports() as reports:
         step(runlora(model, forward="forward2", backward="backward5", fallback_random=True), x)
     (site,) = reports[0].sites
