@@ -679,7 +679,8 @@ def match_site(anchor: Node, backward: set[Node]) -> Site | Skip:
     if site.n_arg is None and len(shape(site.out)) != 2:
         return Skip(anchor, path, "the token count N could not be read from the graph's views", key)
     site.merge_forward_block = _merge_forward_block(site)
-    _match_backward(site, backward)
+    if backward:  # an inference graph has no backward to match
+        _match_backward(site, backward)
     site.dims = Dims(n, i, o, r, needs_dx=site.grad_x_lora is not None)
     site.merge_backward_block = _merge_backward_block(site)
     return site

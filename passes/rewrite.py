@@ -177,10 +177,9 @@ def _build_backward(ops: GraphOps, site: Site, variant: Variant) -> dict[Node, N
     """The replacements {old node: new node} for the site's gradients."""
     n_arg, o = site.n_arg, site.dims.o
     mode = site.dx_mode
-    first_bw = min((site.grad_a, site.grad_b, site.grad_x_lora,
-                    site.dx_sum.base_mm if site.dx_sum else None),
-                   key=lambda n: _position(n), default=None)
-    with ops.like(first_bw):
+    order = {n: k for k, n in enumerate(ops.graph.nodes)}
+    replaced = [n for n in (site.grad_a, site.grad_b, site.grad_x_lora, site.dx_sum and site.dx_sum.base_mm) if n]
+    with ops.like(min(replaced, key=order.__getitem__)):
         dy = _matrix_2d(ops, site.dy, n_arg if site.dy_shape_args2d is None else site.dy_shape_args2d[0], o)
         w_io = site.linear.w_io if (mode == "total") else None
         operands = BackwardOperands(dy=dy, x=site.x, a=site.a, b=site.b, s=site.scale, w_io=w_io, dx=mode)
@@ -200,21 +199,9 @@ def _build_backward(ops: GraphOps, site: Site, variant: Variant) -> dict[Node, N
     return replacements
 
 
-def _position(node: Node | None) -> int:
-    if node is None:
-        return 1 << 62
-    graph = node.graph
-    cache = getattr(graph, "_runlora_order", None)
-    if cache is None or node not in cache:
-        cache = {n: k for k, n in enumerate(graph.nodes)}
-        graph._runlora_order = cache
-    return cache[node]
-
-
 def rewrite_site(graph: Graph, fake_mode, site: Site, forward: Variant, backward: Variant | None) -> list[Node]:
     """Replace the site's forward (and, when `backward` is given, its gradients) in place; returns the
     new nodes. Raises RewriteError, leaving the graph untouched, if any new value does not check out."""
-    graph._runlora_order = None
     ops = GraphOps(graph, fake_mode)
     try:
         y = _build_forward(ops, site, forward)
@@ -239,7 +226,6 @@ def rewrite_site(graph: Graph, fake_mode, site: Site, forward: Variant, backward
     for old, new in replacements.items():
         old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in new_nodes)
     _erase_dead(graph, site)
-    graph._runlora_order = None
     return list(ops.created)
 
 
