@@ -4,12 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
-TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+# The pinned torch (the local CPU wheel on this project's machines); override to use another release.
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q "torch==${TORCH_VERSION}"
+.venv/bin/python -m pip install -q "${TORCH_SPEC}"
 .venv/bin/python -m pip install -q -e ".[dev]"
 # An editable install leaves out lora_rewrite-startup.pth (Trainer's torch_compile_backend="runlora").
 .venv/bin/python -m _lora_rewrite_startup >/dev/null
