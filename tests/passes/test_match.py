@@ -69,34 +69,36 @@ def test_lora_dropout_is_rewritten_without_merging():
     assert site.dx_mode == "lora"
 
 
-def test_bf16_model_with_peft_default_fp32_adapters():
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_model_with_peft_default_fp32_adapters(half):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model = get_peft_model(OneLinear(16, 24).to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+    model = get_peft_model(OneLinear(16, 24).to(half), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
     randomize_adapters(model)
     assert model.base_model.model.proj.lora_A["default"].weight.dtype == torch.float32  # PEFT's upcast
-    reports = compare_with_eager(model, torch.randn(2, 5, 16, dtype=torch.bfloat16, requires_grad=True),
+    reports = compare_with_eager(model, torch.randn(2, 5, 16, dtype=half, requires_grad=True),
                                  rtol=1e-2, forward="forward2", backward="backward5")
     (site,) = sites(reports)
     assert site.dtype == "float32" and (site.forward, site.backward) == ("forward1", "backward1")
     assert any("merging would round the adapter" in n for n in site.notes)
 
 
-def test_bf16_adapters():
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_adapters(half):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model = get_peft_model(OneLinear(16, 24).to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]),
+    model = get_peft_model(OneLinear(16, 24).to(half), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]),
                            autocast_adapter_dtype=False)
     randomize_adapters(model)
-    model.to(torch.bfloat16)
-    x = torch.randn(2, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+    model.to(half)
+    x = torch.randn(2, 5, 16, dtype=half, requires_grad=True)
     for forward, backward in (("forward1", "backward1"), ("forward2", "backward5")):
         torch._dynamo.reset()
         reports = compare_with_eager(model, x, rtol=2e-2, forward=forward, backward=backward)
         (site,) = sites(reports)
-        assert site.dtype == "bfloat16" and (site.forward, site.backward) == (forward, backward)
+        assert site.dtype == str(half).replace("torch.", "") and (site.forward, site.backward) == (forward, backward)
 
 
 def test_autocast_on_an_fp32_model():
