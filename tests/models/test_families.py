@@ -66,9 +66,12 @@ def test_every_lora_linear_is_rewritten_and_nothing_else_changes(family):
 
 @pytest.mark.inductor
 def test_same_graphs_as_real_inductor_on_llama():
-    """The same comparison against backend="inductor" itself, with real code generation on both sides."""
+    """The same comparison against backend="inductor" itself, with real code generation on both sides;
+    and, against it, the activation bytes saved for backward drop by at least N·r·element_size a site."""
+    from helpers import activation_bytes_saved_for_backward
+
     model = peft_model("llama", layers=1, target_modules=["q_proj", "v_proj", "down_proj"])
-    counts, results = {}, {}
+    counts, results, saved = {}, {}, {}
     for backend, options in (("inductor", None), ("runlora", {})):
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
@@ -76,8 +79,11 @@ def test_same_graphs_as_real_inductor_on_llama():
         compiled = torch.compile(m, backend=backend, options=options)
         results[backend] = [loss_and_grads(compiled, m, batch(seq=10, seed=seed)) for seed in (0, 1)]
         counts[backend] = dynamo_counts()
+        saved[backend] = activation_bytes_saved_for_backward(m, lambda: compiled(**batch(seq=10, seed=2)).loss)
         if backend == "runlora":
             assert torch._dynamo.utils.counters["runlora"]["sites_rewritten"] == 3
     assert counts["runlora"] == counts["inductor"]
+    n_tokens, r, element_size = 2 * 10, 4, 4
+    assert saved["inductor"] - saved["runlora"] >= 3 * n_tokens * r * element_size, saved
     for (loss_ref, grads_ref), (loss, grads) in zip(results["inductor"], results["runlora"]):
         assert rel_err(loss_ref, loss) <= GRAD_RTOL and max_rel_err(grads_ref, grads) <= GRAD_RTOL
