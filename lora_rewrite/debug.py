@@ -5,7 +5,8 @@
   With `options={"debug": True}` (or RUNLORA_DEBUG=1) the whole report table is logged at INFO and a
   stderr handler is attached if nothing else shows the logger's records.
 - Counters in `torch._dynamo.utils.counters["runlora"]`: graphs, sites_found, sites_rewritten,
-  backward_rewritten, sites_skipped, and chose_<variant> per chosen variant.
+  backward_rewritten, sites_skipped, chose_<variant> per chosen variant, sibling_groups_fused and
+  sibling_products_fused.
 - `GraphReport` / `SiteReport` / `SkipReport`: what `lora_rewrite.explain` returns, printable as a
   table and convertible to plain dicts / JSON.
 
@@ -75,12 +76,24 @@ class SkipReport:
 
 
 @dataclass
+class FusionReport:
+    kind: str                   # which product: "X·Aᵀ" or "dA = Z1ᵀ·X"
+    modules: list               # the sibling sites, in graph order
+    ranks: list
+
+    def line(self) -> str:
+        return (f"fused {self.kind} of {', '.join(self.modules)} (r {'+'.join(map(str, self.ranks))}): "
+                f"their shared input is read once instead of {len(self.modules)} times")
+
+
+@dataclass
 class GraphReport:
     compile_id: str | None
     kind: str                   # "joint" (training) or "inference"
     criterion: str
     sites: list[SiteReport] = field(default_factory=list)
     skipped: list[SkipReport] = field(default_factory=list)
+    fused: list[FusionReport] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,6 +112,8 @@ class GraphReport:
         for s in self.sites:
             for note in s.notes:
                 lines.append(f"  note {s.module}: {note}")
+        for f in self.fused:
+            lines.append(f"  {f.line()}")
         for k in self.skipped:
             lines.append(f"  untouched {k.module}: {k.reason}")
         return "\n".join(lines)
@@ -159,10 +174,15 @@ def publish(report: GraphReport, *, debug: bool) -> None:
         counters[f"chose_{s.forward}"] += 1
         if s.backward:
             counters[f"chose_{s.backward}"] += 1
+    for f in report.fused:
+        counters["sibling_groups_fused"] += 1
+        counters["sibling_products_fused"] += len(f.modules)
     for c in _collectors:
         c.append(report)
     for s in report.sites:
         log.debug("rewrote %s", s.line())
+    for f in report.fused:
+        log.debug("%s", f.line())
     for k in report.skipped:
         log.debug("%s", k.line())
     if debug:

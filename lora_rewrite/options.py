@@ -6,6 +6,8 @@ Keys (all optional):
     forward          force a forward variant by its paper name, e.g. "forward2"
     backward         force a backward variant by its paper name, e.g. "backward5"
     dynamic_policy   "hint" (default) | "guard" — how a symbolic token count N is decided on
+    fuse_siblings    True (default) | False — do the X·Aᵀ and dA products of sibling adapters that
+                     read the same input (q/k/v, gate/up) as one product each (passes/fuse.py)
     codegen          True (default) | False — False runs the rewritten graphs op by op, without
                      Inductor code generation (Inductor's decompositions, joint passes and
                      partitioner still run): fast to compile, for tests and debugging
@@ -46,6 +48,7 @@ class RunLoraOptions:
     forward: str | None = None
     backward: str | None = None
     dynamic_policy: str = "hint"
+    fuse_siblings: bool = True
     codegen: bool = True
     rewrite: bool = True
     debug: bool = False
@@ -59,7 +62,7 @@ class RunLoraOptions:
             _check_choice("forward", self.forward, variant_names(FORWARDS))
         if self.backward is not None:
             _check_choice("backward", self.backward, variant_names(BACKWARDS))
-        for key in ("codegen", "rewrite", "debug"):
+        for key in ("fuse_siblings", "codegen", "rewrite", "debug"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"runlora option {key!r} must be True or False, got {getattr(self, key)!r}")
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
@@ -71,7 +74,7 @@ class RunLoraOptions:
     def rewrite_key(self) -> str:
         """Everything that changes the rewritten graph: part of the compile-cache key."""
         return repr((self.rewrite, self.criterion, self.forward, self.backward, self.dynamic_policy,
-                     self.debug, str(self.dump_dir) if self.dump_dir else None))
+                     self.fuse_siblings, self.debug, str(self.dump_dir) if self.dump_dir else None))
 
     @classmethod
     def from_user(cls, options: Mapping[str, Any] | None) -> "RunLoraOptions":

@@ -19,6 +19,7 @@ from lora_rewrite.dump import GraphCapture
 from lora_rewrite.options import RunLoraOptions
 from lora_rewrite.variants import Dims, autograd_backward_gemms
 from lora_rewrite.passes.match import Site, Skip, match_graph, match_site
+from lora_rewrite.passes.fuse import fuse_siblings
 from lora_rewrite.passes.plan import Plan, plan_site
 from lora_rewrite.passes.rewrite import RewriteError, rewrite_site
 
@@ -71,6 +72,7 @@ def rewrite_graph(graph: Graph, options: RunLoraOptions) -> debug.GraphReport:
     report = debug.GraphReport(compat.compile_id(), kind, options.criterion)
     capture = GraphCapture(graph, options.dump_dir)
     fake_mode = _fake_mode(graph) if anchors else None
+    rewritten = []
     for anchor in anchors:
         matched = match_site(anchor, backward)
         if isinstance(matched, Skip):
@@ -88,6 +90,10 @@ def rewrite_graph(graph: Graph, options: RunLoraOptions) -> debug.GraphReport:
             continue
         capture.site_after(matched.module_path, before, new_nodes)
         report.sites.append(_site_report(matched, plan, options.criterion))
+        rewritten.append((matched, new_nodes))
+    if options.fuse_siblings and len(rewritten) > 1:
+        for fusion in fuse_siblings(graph, fake_mode, rewritten):
+            report.fused.append(debug.FusionReport(fusion.kind, [s.module_path for s in fusion.sites], fusion.ranks))
     if report.sites:
         compat.stable_topological_sort(graph)
         graph.lint()

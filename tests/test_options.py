@@ -15,6 +15,7 @@ from lora_rewrite.options import RunLoraOptions
     ({"backward": "backward6"}, "'backward' must be one of ['backward1', 'backward2', 'backward3', 'backward4', 'backward5']"),
     ({"dynamic_policy": "always"}, "'dynamic_policy' must be one of ['hint', 'guard']"),
     ({"codegen": "no"}, "'codegen' must be True or False"),
+    ({"fuse_siblings": "yes"}, "'fuse_siblings' must be True or False"),
     ({"inductor": {"not_a_config_key": 1}}, "unknown Inductor config key(s) ['not_a_config_key']"),
     ({"inductor": 3}, "'inductor' must be a dict"),
 ])
@@ -27,8 +28,8 @@ def test_bad_options_name_the_valid_choices(options, message):
 def test_unknown_option_error_lists_every_valid_key():
     with pytest.raises(ValueError) as info:
         RunLoraOptions.from_user({"bogus": 1})
-    for key in ("criterion", "forward", "backward", "dynamic_policy", "codegen", "rewrite", "debug", "dump_dir",
-                "inductor"):
+    for key in ("criterion", "forward", "backward", "dynamic_policy", "fuse_siblings", "codegen", "rewrite",
+                "debug", "dump_dir", "inductor"):
         assert repr(key) in str(info.value)
 
 

@@ -26,6 +26,8 @@ DEFAULT_IMPLS = ("eager", "inductor", "runlora", "frozen")
 # inductor-again: stock Inductor timed a second time in the same rounds, so its difference to
 # `inductor` is this machine's noise (the protocol: a difference smaller than that is noise).
 KNOWN_IMPLS = ("eager", "inductor", "inductor-again", "runlora", "frozen")
+# runlora-<criterion>-unfused: runlora with fuse_siblings off, to time the sibling fusion by itself.
+UNFUSED_SUFFIX = "-unfused"
 CPU_DEFAULT_MAX_SEQ_LEN = 256
 
 
@@ -65,11 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     layer.add_argument("--tokens", nargs="+", default=["4096"], help="N = batch × sequence; default 4096")
     layer.add_argument("--rank", nargs="+", default=None, help="ranks r; default: -r")
     layer.add_argument("--stack", type=int, default=1, help="k LoRA linears in a row, alternating i→o and o→i; default 1")
+    layer.add_argument("--siblings", type=int, default=1,
+                       help="k LoRA linears reading the same X, outputs concatenated (as q/k/v); default 1")
     layer.add_argument("--bias", action="store_true", help="base linears with bias (Llama's have none)")
     how = p.add_argument_group("how to measure")
     how.add_argument("--impls", nargs="+", default=list(DEFAULT_IMPLS),
                      help="eager, inductor, runlora (one row per criterion), frozen; runlora-<criterion> also works; "
-                          "inductor-again times stock Inductor a second time: its difference to inductor is noise")
+                          "inductor-again times stock Inductor a second time: its difference to inductor is noise; "
+                          "runlora-<criterion>-unfused runs without the sibling fusion")
     how.add_argument("--criterions", nargs="+", default=["flops"], choices=CRITERIA,
                      help="runlora criteria, one row each; default flops")
     how.add_argument("--runlora-options", default=None, help="extra runlora options as JSON, e.g. "
@@ -106,6 +111,10 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("give -m/--model_name_or_config, or --layer")
     if args.layer and args.out and args.out.isdigit():
         parser.error(f"-o/--out is the output prefix; out-features are --out-features (got --out {args.out})")
+    if args.stack < 1 or args.siblings < 1:
+        parser.error("--stack and --siblings must be >= 1")
+    if args.stack > 1 and args.siblings > 1:
+        parser.error("--stack and --siblings cannot be combined")
     if not args.smoke and not args.map_only:
         if args.rounds < PROTOCOL_MIN_ROUNDS:
             parser.error(f"--rounds {args.rounds}: the protocol asks for >= {PROTOCOL_MIN_ROUNDS} (use --smoke to try)")
@@ -116,10 +125,11 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
     from lora_rewrite.cost import CRITERIA
 
     for name in args.impls:
-        base, _, criterion = name.partition("-")
+        base, _, criterion = name.removesuffix(UNFUSED_SUFFIX).partition("-")
         if name not in KNOWN_IMPLS and (base != "runlora" or criterion not in CRITERIA):
             parser.error(f"unknown implementation {name!r}; known: {', '.join(KNOWN_IMPLS)}, "
-                         f"runlora-<criterion> with a criterion of {', '.join(CRITERIA)}")
+                         f"runlora-<criterion> with a criterion of {', '.join(CRITERIA)}, "
+                         f"runlora-<criterion>{UNFUSED_SUFFIX}")
 
 
 def implementation_names(impls, criterions) -> list[str]:
@@ -132,7 +142,9 @@ def implementation_names(impls, criterions) -> list[str]:
 
 
 def runlora_options(name: str, args, extra: dict) -> dict:
-    options = {"criterion": name.split("-", 1)[1], **extra}
+    options = {"criterion": name.removesuffix(UNFUSED_SUFFIX).split("-", 1)[1], **extra}
+    if name.endswith(UNFUSED_SUFFIX):
+        options["fuse_siblings"] = False
     if args.no_codegen:
         options["codegen"] = False
     return options
@@ -218,7 +230,7 @@ def layer_shapes(args) -> list:
     for i in ins:
         for o in (outs or [i]):
             for n, r in itertools.product(tokens, ranks):
-                shapes.append(LayerShape(i, o, n, r, layer_batch(n, args.n_batch), args.stack))
+                shapes.append(LayerShape(i, o, n, r, layer_batch(n, args.n_batch), args.stack, args.siblings))
     return shapes
 
 
@@ -241,7 +253,7 @@ def layer_case(shape, args, device, dtype, extra_options, on_step):
             runlora=name.startswith("runlora")))
     settings = {"mode": "layer", "i": shape.i, "o": shape.o, "tokens": shape.tokens, "batch": shape.batch,
                 "seq_len": shape.tokens // shape.batch, "lora_r": shape.r, "lora_alpha": args.lora_alpha,
-                "lora_dropout": args.lora_dropout, "stack": shape.stack, "bias": args.bias, "dtype": args.dtype,
+                "lora_dropout": args.lora_dropout, "stack": shape.stack, "siblings": shape.siblings, "bias": args.bias, "dtype": args.dtype,
                 "fp32_adapters": args.fp32_adapters}
     notes = ["step: loss = Σ Y ⊙ G (fixed random G, so dY = G) on X[b, N/b, i] requiring grad; "
              "frozen: the same linears without adapters"]

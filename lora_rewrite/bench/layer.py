@@ -1,4 +1,4 @@
-"""Layer mode: one PEFT LoRA linear (or a short stack of them) at chosen shapes.
+"""Layer mode: one PEFT LoRA linear (or a short stack of them, or siblings of one input) at chosen shapes.
 
     X[b, N/b, i] → Y = X·Wᵀ + s·(X·Aᵀ)·Bᵀ,    W[o,i], A[r,i], B[o,r], s = lora_alpha / r
 
@@ -73,15 +73,17 @@ class LayerShape:
     r: int
     batch: int
     stack: int = 1
+    siblings: int = 1
 
     @property
     def label(self) -> str:
         stack = f" ×{self.stack}" if self.stack > 1 else ""
-        return f"i={self.i} o={self.o} N={self.tokens} (b={self.batch}) r={self.r}{stack}"
+        siblings = f" {self.siblings} siblings" if self.siblings > 1 else ""
+        return f"i={self.i} o={self.o} N={self.tokens} (b={self.batch}) r={self.r}{stack}{siblings}"
 
     @property
     def out_features(self) -> int:
-        return self.o if self.stack % 2 else self.i
+        return self.siblings * (self.o if self.stack % 2 else self.i)
 
 
 def layer_batch(tokens: int, requested: int | None) -> int:
@@ -93,22 +95,37 @@ def layer_batch(tokens: int, requested: int | None) -> int:
     return math.gcd(tokens, 32)
 
 
+def sibling_names(siblings: int) -> list[str]:
+    """The LoRA targets of a block: `proj`, then `proj2`, `proj3`, … for its siblings."""
+    return ["proj"] + [f"proj{k}" for k in range(2, siblings + 1)]
+
+
 class LinearBlock(nn.Module):
-    def __init__(self, i: int, o: int, bias: bool):
+    """One linear i→o, or `siblings` linears of the same input whose outputs are concatenated (as q/k/v
+    read one hidden state and feed different paths): Y = [X·W₁ᵀ, X·W₂ᵀ, …]."""
+
+    def __init__(self, i: int, o: int, bias: bool, siblings: int = 1):
         super().__init__()
-        self.proj = nn.Linear(i, o, bias=bias)
+        self.names = sibling_names(siblings)
+        for name in self.names:
+            self.add_module(name, nn.Linear(i, o, bias=bias))
 
     def forward(self, x):
-        return self.proj(x)
+        if len(self.names) == 1:
+            return self.proj(x)
+        return torch.cat([getattr(self, name)(x) for name in self.names], dim=-1)
 
 
 class LinearStack(nn.Module):
-    """`depth` linears alternating i→o and o→i; the LoRA targets are their `proj`."""
+    """`depth` linears alternating i→o and o→i (or one block of sibling linears); the LoRA targets are
+    their `proj` (`proj2`, … for siblings)."""
 
-    def __init__(self, i: int, o: int, depth: int, bias: bool):
+    def __init__(self, i: int, o: int, depth: int, bias: bool, siblings: int = 1):
         super().__init__()
+        if siblings > 1 and depth > 1:
+            raise ValueError("--siblings and --stack cannot be combined")
         dims = [(i, o) if k % 2 == 0 else (o, i) for k in range(depth)]
-        self.blocks = nn.ModuleList(LinearBlock(a, b, bias) for a, b in dims)
+        self.blocks = nn.ModuleList(LinearBlock(a, b, bias, siblings) for a, b in dims)
 
     def forward(self, x):
         for block in self.blocks:
@@ -123,10 +140,10 @@ def build_layer_models(shape: LayerShape, *, r: int, alpha: float, dropout: floa
 
     torch.manual_seed(seed)
     with torch.device(device):
-        base = LinearStack(shape.i, shape.o, shape.stack, bias)
+        base = LinearStack(shape.i, shape.o, shape.stack, bias, shape.siblings)
     base = base.to(dtype).train()
     frozen = copy.deepcopy(base).requires_grad_(False)
-    peft_model = add_lora(base, r=r, alpha=alpha, dropout=dropout, target_modules=["proj"],
+    peft_model = add_lora(base, r=r, alpha=alpha, dropout=dropout, target_modules=sibling_names(shape.siblings),
                           fp32_adapters=fp32_adapters, seed=seed)
     return peft_model, frozen
 

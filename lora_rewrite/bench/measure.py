@@ -108,18 +108,23 @@ def first_steps(impls: Sequence[Implementation], device: torch.device, results: 
 
 
 def summarize_reports(reports) -> dict:
-    """{"sites": n, "skipped": n, "choices": {"forward2/backward5 (i=512 o=512 r=8 N=1024)": count}}."""
+    """{"sites": n, "skipped": {reason: n}, "choices": {"forward2/backward5 (i=512 o=512 r=8 N=1024)": count},
+    "fused": {"groups": n, "products": n}} (sibling fusion)."""
     choices: dict[str, int] = {}
     skipped: dict[str, int] = {}
     sites = 0
+    fused = {"groups": 0, "products": 0}
     for report in reports:
+        for f in report.fused:
+            fused["groups"] += 1
+            fused["products"] += len(f.modules)
         for s in report.sites:
             sites += 1
             key = f"{s.forward}/{s.backward or '-'} (i={s.i} o={s.o} r={s.r} N={s.N_used})"
             choices[key] = choices.get(key, 0) + 1
         for k in report.skipped:
             skipped[k.reason] = skipped.get(k.reason, 0) + 1
-    return {"sites": sites, "skipped": skipped, "choices": choices}
+    return {"sites": sites, "skipped": skipped, "choices": choices, "fused": fused}
 
 
 def round_robin(impls: Sequence[Implementation], device: torch.device, results: dict[str, Measurement], *,

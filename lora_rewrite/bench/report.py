@@ -142,8 +142,11 @@ def variants_summary(case: Case) -> list[str]:
         choices = ", ".join(f"{count}× {what}" for what, count in row.variants.get("choices", {}).items())
         skipped = row.variants.get("skipped") or {}
         skipped_text = "; untouched: " + ", ".join(f"{n}× {why}" for why, n in skipped.items()) if skipped else ""
+        fused = row.variants.get("fused") or {}
+        fused_text = (f"; sibling fusion: {fused['products']} products in {fused['groups']} group(s)"
+                      if fused.get("groups") else "")
         lines.append(f"- {row.implementation}: {row.variants.get('sites', 0)} site(s) rewritten: "
-                     f"{choices or 'none'}{skipped_text}")
+                     f"{choices or 'none'}{fused_text}{skipped_text}")
     return lines
 
 

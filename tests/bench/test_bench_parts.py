@@ -28,7 +28,7 @@ def test_runlora_expands_to_one_row_per_criterion():
     assert implementation_names(["eager", "inductor", "runlora", "frozen"], ["flops", "roofline"]) == \
         ["eager", "inductor", "runlora-flops", "runlora-roofline", "frozen"]
     assert implementation_names(["runlora-time", "runlora"], ["time"]) == ["runlora-time"]
-    for bad in ("runlora-fast", "inductor-flops", "triton"):
+    for bad in ("runlora-fast", "inductor-flops", "triton", "runlora-unfused", "inductor-unfused"):
         with pytest.raises(SystemExit):
             main(["-m", "tiny-llama", "--impls", bad])
 

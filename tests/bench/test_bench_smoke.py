@@ -100,3 +100,26 @@ def test_output_prefix_is_not_out_features(capsys):
     with pytest.raises(SystemExit):
         main(["--layer", "--out", "1024"])
     assert "--out-features" in capsys.readouterr().err
+
+
+def test_layer_mode_siblings_fused_and_unfused(tmp_path, capsys):
+    """--siblings k: k LoRA linears of one X; runlora-<criterion>-unfused is the same without the fusion."""
+    prefix = tmp_path / "siblings"
+    assert main(["--layer", "--in", "32", "--tokens", "64", "--rank", "4", "--siblings", "3",
+                 "--impls", "inductor", "runlora-flops", "runlora-flops-unfused", "-o", str(prefix), *SMOKE]) == 0
+    printed = capsys.readouterr().out
+    assert "**i=32 o=32 N=64 (b=32) r=4 3 siblings fp32**" in printed
+    _, data = _read_outputs(prefix)
+    (case,) = data["cases"]
+    rows = {r["implementation"]: r for r in case["rows"]}
+    assert rows["runlora-flops"]["sites_rewritten"] == rows["runlora-flops-unfused"]["sites_rewritten"] == 3
+    assert rows["runlora-flops"]["variants"]["fused"]["products"] >= 3
+    assert rows["runlora-flops-unfused"]["variants"]["fused"] == {"groups": 0, "products": 0}
+    assert "sibling fusion: " in printed
+
+
+@pytest.mark.parametrize("argv", [["--siblings", "2", "--stack", "2"], ["--siblings", "0"]])
+def test_siblings_argument_errors(argv, capsys):
+    with pytest.raises(SystemExit):
+        main(["--layer", "--in", "32", "--tokens", "64", *argv, *SMOKE])
+    assert "--siblings" in capsys.readouterr().err

@@ -14,6 +14,11 @@ from lora_rewrite import debug
 # (relative, per tensor, ∞-norm) on these models; summation order alone moves them that much.
 GRAD_RTOL = 2e-5
 
+# Sibling groups fused (passes/fuse.py), two kinds of product (X·Aᵀ, dA) per group of adapters that read
+# one input, in two layers: q/k/v and gate/up (Llama-like), q/k/v (OPT), query/key/value (encoders);
+# GPT-2's attention is one fused c_attn already, so no two of its adapters share an input.
+SIBLING_GROUPS_FUSED = {"llama": 8, "mistral": 8, "qwen2": 8, "opt": 4, "roberta": 4, "bert": 4, "gpt2": 0}
+
 
 def optimizer_step(model, lr=1e-2):
     with torch.no_grad():
@@ -49,6 +54,7 @@ def test_every_lora_linear_is_rewritten_and_nothing_else_changes(family):
     assert all(s.backward is not None for s in sites), [s.line() for s in sites if s.backward is None]
     counters = torch._dynamo.utils.counters["runlora"]
     assert counters["sites_rewritten"] == counters["backward_rewritten"] == len(ran)
+    assert counters["sibling_groups_fused"] == SIBLING_GROUPS_FUSED[family]
 
     optimizer_step(compiled_model)
     loss_and_grads(compiled, compiled_model, batch(seq=12, seed=1))
