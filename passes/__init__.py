@@ -1,4 +1,4 @@
-"""The runlora graph pass: match every LoRA site, choose its variants, rewrite, report.
+"""The runlora graph pass: match every LoRA site, choose its variants, rewrite, fuse siblings, report.
 
 Installed as `lora_rewrite.passes` (the repository keeps it in the top-level `passes/` folder). It
 runs as Inductor's `joint_custom_post_pass`: on the joint forward+backward graph of a training

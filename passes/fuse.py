@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch.fx import Graph, Node
 
-from lora_rewrite import compat
+from lora_rewrite import debug
 from lora_rewrite.passes.match import MM, Site, dtype, is_call, same_shape, same_value, shape
 from lora_rewrite.passes.rewrite import GraphOps
 
@@ -102,9 +102,9 @@ def _fuse(graph: Graph, fake_mode, group, order, kind: str,
           build: Callable[[GraphOps, list[tuple[Site, Node]]], Node], slice_dim: int) -> Fusion | None:
     group = sorted(group, key=lambda member: order[member[1]])
     olds = [product for _, product in group]
-    inputs = [arg for product in olds for arg in product.all_input_nodes]
-    inputs += [site.a for site, _ in group] if kind == "X·Aᵀ" else []
-    if _depends_on(inputs, set(olds)):
+    names = ", ".join(site.module_path for site, _ in group)
+    if _depends_on([arg for product in olds for arg in product.all_input_nodes], set(olds)):
+        debug.log.debug("runlora did not fuse %s of %s: an input depends on a product it replaces", kind, names)
         return None
     ops = GraphOps(graph, fake_mode)
     # forward products go before the first (X and the A's exist there); dA before the last (every Z1 does)
@@ -118,10 +118,11 @@ def _fuse(graph: Graph, fake_mode, group, order, kind: str,
     for old, new in zip(olds, slices):
         if not same_shape(shape(new), shape(old)) or dtype(new) != dtype(old):
             ops.erase_created()
+            debug.log.debug("runlora did not fuse %s of %s: a slice of the fused product is %s%s, not %s%s",
+                            kind, names, dtype(new), list(shape(new) or ()), dtype(old), list(shape(old) or ()))
             return None
-    recompute = any("recompute" in old.meta for old in olds)
-    for node in ops.created:
-        if recompute:
+    if any("recompute" in old.meta for old in olds):  # never saved, as the products it replaces
+        for node in ops.created:
             ops.recompute(node)
     for old, new in zip(olds, slices):
         old.replace_all_uses_with(new)
@@ -147,7 +148,8 @@ def _fused_adapter_weight_grad(ops: GraphOps, group) -> Node:
 
 
 def fuse_siblings(graph: Graph, fake_mode, rewritten: list[tuple[Site, list[Node]]]) -> list[Fusion]:
-    """Fuse the shared-input products of sibling sites in place; returns what was fused."""
+    """Fuse the shared-input products of sibling sites in place; returns what was fused. New nodes may
+    sit before some of their inputs: the caller sorts the graph topologically, as after rewrite_site."""
     fusions: list[Fusion] = []
     for kind, find, build, slice_dim in (
             ("X·Aᵀ", adapter_product, _fused_adapter_product, 1),
@@ -163,6 +165,4 @@ def fuse_siblings(graph: Graph, fake_mode, rewritten: list[tuple[Site, list[Node
             fusion = _fuse(graph, fake_mode, group, order, kind, build, slice_dim)
             if fusion is not None:
                 fusions.append(fusion)
-    if fusions:
-        compat.stable_topological_sort(graph)
     return fusions
