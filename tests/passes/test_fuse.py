@@ -115,23 +115,30 @@ def test_dropout_gives_each_sibling_its_own_input_and_nothing_is_fused():
 
 
 def test_bf16_model_with_peft_default_fp32_adapters_fuses_across_the_casts():
-    """Each adapter casts X up to fp32 by itself: three casts of one X hold the same value."""
+    """Each adapter casts X up to fp32 by itself: three casts of one X hold the same value. The fp32
+    adapter gradients equal stock Inductor's pipeline's to fp32 round-off, and eager's to bf16 round-off
+    (the model's own bf16 ops — k's sigmoid backward — are rounded differently by Inductor's
+    decompositions on some torch versions: 2e-3 on torch 2.11, for stock Inductor too)."""
     model = siblings_model(dtype=torch.bfloat16)
     for name, p in model.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()
     x = torch.randn(4, 6, I, dtype=torch.bfloat16, requires_grad=True)
     grad_out = torch.randn(4, 6, O, dtype=torch.bfloat16)
-    y_ref, dx_ref, grads_ref = step(model, x, grad_out)
+    y_eager, dx_eager, grads_eager = step(model, x, grad_out)
+    y_stock, dx_stock, grads_stock = step(runlora(model, rewrite=False), x, grad_out)
+    torch._dynamo.reset()
 
     y, dx, grads = step(runlora(model), x, grad_out)
 
     assert runlora_counters()["sibling_groups_fused"] >= 1
-    assert_close_to(y_ref, y, rtol=2e-2, what="Y")
-    assert_close_to(dx_ref, dx, rtol=2e-2, what="dX")
-    for name, g in grads_ref.items():
-        assert g.dtype == torch.float32
-        assert_close_to(g, grads[name], rtol=1e-3, what=name)
+    assert_close_to(y_stock, y, rtol=1e-2, what="Y")     # bf16 outputs: one rounding apart at most
+    assert_close_to(dx_stock, dx, rtol=1e-2, what="dX")
+    for name, g in grads_stock.items():
+        assert g.dtype == grads[name].dtype == torch.float32
+        assert_close_to(g, grads[name], rtol=1e-5, what=name)
+        assert_close_to(grads_eager[name], grads[name], rtol=1e-2, what=f"{name} vs eager")
+    assert_close_to(y_eager, y, rtol=1e-2, what="Y vs eager")
 
 
 @pytest.mark.parametrize("backward", ["backward1", "backward5"])
