@@ -15,11 +15,6 @@ aten = torch.ops.aten
 prims = torch.ops.prims
 
 
-def torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split(".")[:2]
-    return int(major), int(minor)
-
-
 # --- Inductor entry points ------------------------------------------------------------------------
 
 def compile_fx(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, config_patches: dict,
@@ -98,6 +93,13 @@ def stable_topological_sort(graph: torch.fx.Graph) -> None:
     _sort(graph)
 
 
+def mutates_inputs(target: Any) -> bool:
+    """Does this op write to one of its arguments (an in-place or out= op)? Read off its schema, which
+    every OpOverload carries (`_schema`, the same in 2.11-2.15); other callables: False."""
+    schema = getattr(target, "_schema", None)
+    return schema is not None and schema.is_mutable
+
+
 # --- fake tensors and symbolic shapes -------------------------------------------------------------
 
 def detect_fake_mode(values: Sequence[Any]):
@@ -110,10 +112,6 @@ def unset_fake_temporarily():
     from torch._subclasses.fake_tensor import unset_fake_temporarily as _unset
 
     return _unset()
-
-
-def is_symbolic(value: Any) -> bool:
-    return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
 def statically_known_true(expr: Any) -> bool:
@@ -178,6 +176,23 @@ def must_recompute_policy():
 
 
 # --- dynamo -----------------------------------------------------------------------------------------
+
+def reset_dynamo() -> None:
+    """Forget every compiled frame and Dynamo's caches (`torch._dynamo.reset`, 2.11-2.15)."""
+    torch._dynamo.reset()
+
+
+@contextlib.contextmanager
+def dynamo_compile_limits_at_least(limit: int) -> Iterator[None]:
+    """Raise Dynamo's per-code-object compile limits to at least `limit` for a block. `recompile_limit`
+    is the current name and `cache_size_limit` the older one (2.13 has both); each is patched where it
+    exists."""
+    config = torch._dynamo.config
+    limits = {key: max(limit, getattr(config, key))
+              for key in ("recompile_limit", "cache_size_limit") if hasattr(config, key)}
+    with config.patch(**limits):
+        yield
+
 
 def dynamo_counters():
     from torch._dynamo.utils import counters

@@ -10,7 +10,7 @@
   and timed (`lora_rewrite.timing`); the fastest wins. Results are cached per shape.
 
 Costs are linear in the token count N. When N is symbolic (dynamic shapes) it is first turned into a
-concrete number by the site's `dynamic_policy` (see `Site.n_for_choice` in passes/match.py).
+concrete number by the `dynamic_policy` option (see passes/plan.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ class Choice:
     costs: dict = field(default_factory=dict)   # variant name -> cost in the criterion's unit
     unit: str = "FLOPs"
     forced: bool = False
-    note: str = ""
 
 
 def flops_cost(variant: Variant, dims: Dims, **_) -> float:

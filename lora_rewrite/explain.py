@@ -115,13 +115,13 @@ def explain(model, *args, options: dict | None = None, **kwargs) -> ExplainRepor
     from lora_rewrite.backend import runlora
 
     names_by_key = {str(id(m)): name for name, m in model.named_modules()}
-    torch._dynamo.reset()
+    compat.reset_dynamo()
     try:
         with compat.fresh_compile_caches(), debug.collect_reports() as reports:
             compiled = torch.compile(model, backend=runlora, options=dict(options or {}))
             compiled(*args, **kwargs)
     finally:
-        torch._dynamo.reset()
+        compat.reset_dynamo()
     for report in reports:
         for entry in list(report.sites) + list(report.skipped):
             if entry.module_key in names_by_key:

@@ -29,19 +29,21 @@ class Ceilings:
     launch_s: float
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a wall-clock interval covers it (CPU ops are synchronous).
+    The one helper every timer of lora_rewrite uses (the time criterion, the ceilings, the benchmark)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _best_time(fn, device: torch.device, repeats: int = 5) -> float:
     fn()
-    _sync(device)
+    synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best
 

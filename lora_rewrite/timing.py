@@ -20,12 +20,8 @@ import time
 
 import torch
 
+from lora_rewrite.hardware import synchronize
 from lora_rewrite.variants import BackwardOperands, Dims, EagerOps, ForwardOperands, Variant
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _stage_fn(variant: Variant, dims: Dims, dtype: torch.dtype, device: torch.device):
@@ -69,12 +65,12 @@ def _measure(name: str, n: int, i: int, o: int, r: int, needs_dx: bool, dtype: t
         run = _stage_fn(BY_NAME[name], Dims(n, i, o, r, needs_dx), dtype, device)
         for _ in range(2):
             run()
-        _sync(device)
+        synchronize(device)
         samples = []
         for _ in range(repeats):
             start = time.perf_counter()
             run()
-            _sync(device)
+            synchronize(device)
             samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 

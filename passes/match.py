@@ -29,7 +29,7 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch.fx import Graph, Node
@@ -241,18 +241,9 @@ def is_matrix(node: Any, source: Node) -> bool:
     return inner is not None and transpose_source(inner) is not None and same_value(transpose_source(inner), source)
 
 
-def is_transpose_of(node: Any, source: Node) -> bool:
-    inner = transpose_source(node)
-    return inner is not None and same_value(inner, source)
-
-
 def single_user(node: Node) -> Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
-
-
-def strip_view(node: Node) -> Node:
-    return node.args[0] if is_call(node, *VIEWS) else node
 
 
 LAYOUT_OPS = tuple(VIEWS) + (aten.clone.default, aten.contiguous.default)
@@ -689,10 +680,3 @@ def match_site(anchor: Node, backward: set[Node]) -> Site | Skip:
 def match_graph(graph: Graph) -> tuple[list[Node], set[Node]]:
     backward = backward_region(graph)
     return find_anchors(graph, backward), backward
-
-
-def iter_nodes(*groups: Iterable[Any]):
-    for group in groups:
-        for n in group:
-            if isinstance(n, Node):
-                yield n

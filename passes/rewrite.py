@@ -266,8 +266,7 @@ def _erase_dead(graph: Graph, site: Site) -> None:
             continue
         if node.op in ("placeholder", "output") or node.users or node.meta.get("runlora"):
             continue
-        if node.op == "call_function" and getattr(node.target, "_schema", None) is not None \
-                and node.target._schema.is_mutable:
+        if node.op == "call_function" and compat.mutates_inputs(node.target):
             continue
         seen.add(node)
         inputs = list(node.all_input_nodes)

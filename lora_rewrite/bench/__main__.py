@@ -171,6 +171,7 @@ def model_case(args, device, dtype, extra_options, on_step):
 
     import torch
 
+    from lora_rewrite import compat
     from lora_rewrite.bench import measure, models, report
 
     spec = models.load_spec(args.model_name_or_config, head=args.head)
@@ -215,7 +216,7 @@ def model_case(args, device, dtype, extra_options, on_step):
     case = report.Case(title, settings, rows, notes)
     map_points = {shape: [(batch * seq_len, args.lora_r)] for shape in settings["lora_shapes"]}
     del impls, peft_model, frozen, base
-    torch._dynamo.reset()
+    compat.reset_dynamo()
     return case, map_points
 
 
@@ -237,6 +238,7 @@ def layer_shapes(args) -> list:
 def layer_case(shape, args, device, dtype, extra_options, on_step):
     import torch
 
+    from lora_rewrite import compat
     from lora_rewrite.bench import layer, measure, report
 
     peft_model, frozen = layer.build_layer_models(
@@ -261,7 +263,7 @@ def layer_case(shape, args, device, dtype, extra_options, on_step):
     rows = report.build_rows([results[i.name] for i in impls], cuda=device.type == "cuda")
     case = report.Case(f"{shape.label} {args.dtype}", settings, rows, notes)
     del impls, peft_model, frozen, lora_loss, frozen_loss
-    torch._dynamo.reset()
+    compat.reset_dynamo()
     return case
 
 
@@ -352,17 +354,16 @@ def bench_environment(args, device):
 
     import torch
 
+    from lora_rewrite import compat
     from lora_rewrite.bench import measure
 
     threads = torch.get_num_threads()
-    # Every implementation of a case shares one model's code objects: room for all their compiles,
-    # so none silently falls back to eager.
-    limits = {key: max(64, getattr(torch._dynamo.config, key))
-              for key in ("recompile_limit", "cache_size_limit") if hasattr(torch._dynamo.config, key)}
     try:
         if device.type == "cpu":
             torch.set_num_threads(args.threads or measure.available_cores())
-        with torch._dynamo.config.patch(**limits), warnings.catch_warnings():
+        # Every implementation of a case shares one model's code objects: room for all their compiles,
+        # so none silently falls back to eager.
+        with compat.dynamo_compile_limits_at_least(64), warnings.catch_warnings():
             # compile caches are off on purpose for each first step (a cold compile; the pass always runs)
             warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
             yield

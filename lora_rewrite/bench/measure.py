@@ -29,6 +29,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from lora_rewrite.hardware import synchronize
+
 
 @dataclass
 class Implementation:
@@ -66,11 +68,6 @@ class Measurement:
     @property
     def max_s(self) -> float:
         return max(self.samples_s)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _clear_grads(module: torch.nn.Module) -> None:
