@@ -15,6 +15,7 @@ concrete number by the `dynamic_policy` option (see passes/plan.py).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -23,13 +24,23 @@ from lora_rewrite.variants import Dims, Variant
 CRITERIA = ("flops", "roofline", "time")
 
 
+class CostUnit(enum.Enum):
+    """What a Choice's costs are counted in; the last two mean there are no costs."""
+
+    FLOPS = "FLOPs"
+    MODEL_SECONDS = "s (model)"
+    MEASURED_SECONDS = "s (measured)"
+    FORCED = "forced"        # the user forced the variant: nothing was compared
+    FALLBACK = "fallback"    # N has no size hint: the first legal variant, nothing was compared
+
+
 @dataclass(frozen=True)
 class Choice:
     """The variant picked for one stage of one site, with every candidate's cost for the report."""
 
     variant: Variant
     costs: dict = field(default_factory=dict)   # variant name -> cost in the criterion's unit
-    unit: str = "FLOPs"
+    unit: CostUnit = CostUnit.FLOPS
     forced: bool = False
 
 
@@ -54,7 +65,7 @@ COST_FUNCTIONS: dict[str, Callable[..., float]] = {
     "roofline": roofline_cost,
     "time": time_cost,
 }
-UNITS = {"flops": "FLOPs", "roofline": "s (model)", "time": "s (measured)"}
+UNITS = {"flops": CostUnit.FLOPS, "roofline": CostUnit.MODEL_SECONDS, "time": CostUnit.MEASURED_SECONDS}
 
 
 def choose(candidates: Sequence[Variant], dims: Dims, criterion: str, *, dtype=None, device=None,

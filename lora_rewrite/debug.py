@@ -20,7 +20,14 @@ import json
 import logging
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+from lora_rewrite import compat
+from lora_rewrite.variants import FORWARD1, Dims, autograd_backward_gemms
+
+if TYPE_CHECKING:
+    from lora_rewrite.passes.plan import Plan
+    from lora_rewrite.passes.site import Site
 
 log = logging.getLogger("lora_rewrite")
 
@@ -63,6 +70,36 @@ class SiteReport:
         return (f"{self.module}: N={self.N} i={self.i} o={self.o} r={self.r} s={self.scale} "
                 f"dropout={'yes' if self.dropout else 'no'} {self.dtype} -> {self.forward}/{bwd}"
                 f"{flops}{saved}{notes}")
+
+
+def site_report(site: Site, plan: Plan, criterion: str) -> SiteReport:
+    """The report of one rewritten site: its shape, the plan, and the FLOPs and saved bytes against
+    what stock Inductor runs (PEFT's forward = forward1's products, autograd's backward)."""
+    dims, n_used = site.dims, plan.n_used
+    flops_before = flops_after = saved = None
+    if n_used is not None:
+        report_dims = Dims(n_used, dims.i, dims.o, dims.r, dims.needs_dx)
+        flops_before = FORWARD1.flops(report_dims)
+        flops_after = plan.forward.variant.flops(report_dims)
+        if site.backward is not None:
+            flops_before += sum(g.flops() for g in autograd_backward_gemms(report_dims))
+            flops_after += plan.backward.variant.flops(report_dims) if plan.backward else 0
+            saved = n_used * dims.r * site.forward.x.meta["val"].element_size()
+    n, scale = dims.N, site.forward.scale
+    dx_mode = site.backward.dx_mode if site.backward is not None and plan.backward else None
+    return SiteReport(
+        module=site.provenance.path, adapter=site.provenance.adapter,
+        N=n if isinstance(n, int) else compat.sym_expr(n), N_used=n_used,
+        i=dims.i, o=dims.o, r=dims.r,
+        scale=scale if isinstance(scale, (int, float)) else f"tensor {scale.name}",
+        dropout=site.facts.dropout, dtype=str(site.forward.dtype).replace("torch.", ""), needs_dx=dims.needs_dx,
+        dx_mode=dx_mode.value if dx_mode is not None else None,
+        forward=plan.forward.variant.name, backward=plan.backward.variant.name if plan.backward else None,
+        criterion=criterion, forward_costs=dict(plan.forward.costs),
+        backward_costs=dict(plan.backward.costs) if plan.backward else {},
+        cost_unit=plan.forward.unit.value, flops_before=flops_before, flops_after=flops_after,
+        saved_bytes_avoided=saved, notes=list(plan.notes), module_key=site.provenance.key,
+    )
 
 
 @dataclass

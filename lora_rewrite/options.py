@@ -44,6 +44,22 @@ def _truthy_env(name: str) -> bool:
 
 @dataclass(frozen=True)
 class RunLoraOptions:
+    """The backend's validated options (`from_user` builds them from the user's dict).
+
+    Attributes:
+        criterion: how each site's variants are chosen: "flops", "roofline" or "time" (lora_rewrite.cost).
+        forward: a forward variant's paper name to force where it is legal, or None.
+        backward: a backward variant's paper name to force where it is legal, or None.
+        dynamic_policy: for a symbolic token count N, "hint" (decide at the size hint, no guard) or "guard"
+            (guard the interval of N where the choice holds; flops only). See passes/plan.py.
+        fuse_siblings: do the X·Aᵀ and dA products of adapters that read one input as one product each.
+        codegen: False runs the rewritten graphs op by op instead of generating Inductor code.
+        rewrite: False compiles exactly like stock Inductor.
+        debug: log each graph's report (env RUNLORA_DEBUG).
+        dump_dir: a folder for graphs, reports and pictures, or None (env RUNLORA_DUMP_DIR).
+        inductor: Inductor config patches.
+    """
+
     criterion: str = "flops"
     forward: str | None = None
     backward: str | None = None

@@ -21,7 +21,7 @@ import time
 import torch
 
 from lora_rewrite.hardware import synchronize
-from lora_rewrite.variants import BackwardOperands, Dims, EagerOps, ForwardOperands, Variant
+from lora_rewrite.variants import BackwardOperands, Dims, DxMode, EagerOps, ForwardOperands, Variant
 
 
 def _stage_fn(variant: Variant, dims: Dims, dtype: torch.dtype, device: torch.device):
@@ -44,7 +44,7 @@ def _stage_fn(variant: Variant, dims: Dims, dtype: torch.dtype, device: torch.de
                 return variant.compute(ops, ForwardOperands(x=x, a=a, b=b, s=2.0, base=base))
         return run
     dy = rand(n, o)
-    operands = BackwardOperands(dy=dy, x=x, a=a, b=b, s=2.0, w_io=w_io, dx="total" if dims.needs_dx else None)
+    operands = BackwardOperands(dy=dy, x=x, a=a, b=b, s=2.0, w_io=w_io, dx=DxMode.TOTAL if dims.needs_dx else None)
 
     def run():
         return variant.compute(ops, operands)

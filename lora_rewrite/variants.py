@@ -9,13 +9,16 @@ Notation, in PEFT's layout (the paper writes the same with W, A, B transposed):
 
 The gradients every backward computes:  dA = s·Bᵀ·dYᵀ·X,  dB = s·dYᵀ·X·Aᵀ,  dX = dY·W + s·dY·B·A.
 
-A variant is one function plus the list of matrix products it performs. The function computes its
-bracketing through an `ops` object, so the same code runs on real tensors (`EagerOps`: tests, the
-"time" criterion) and emits FX nodes into the joint graph (`lora_rewrite.passes.rewrite.GraphOps`).
-The product list is the cost formula: FLOPs are Σ 2·m·k·n (torch.utils.flop_counter's convention,
-matmuls only) and bytes are each product's operands read once and result written once. The scale is
-always folded into a rank-sized factor (s·B is o×r), never applied to an [N,o] or [N,i] tensor, and
-sums are accumulated inside the matmul (`addmm`) rather than by a separate pass.
+A variant is one function, the list of matrix products it performs, and a guard. The function computes
+its bracketing through an `ops` object, so the same code runs on real tensors (`EagerOps`: tests, the
+"time" criterion) and emits FX nodes into the joint graph (`lora_rewrite.passes.rewrite.GraphOps`); it
+returns its result together with the intermediate products later passes reuse (`ForwardResult`,
+`BackwardResult`). The guard reads the facts the matcher established about a site (`SiteFacts`) and
+says why the variant would be wrong there, or None. The product list is the cost formula: FLOPs are
+Σ 2·m·k·n (torch.utils.flop_counter's convention, matmuls only) and bytes are each product's operands
+read once and result written once. The scale is always folded into a rank-sized factor (s·B is o×r),
+never applied to an [N,o] or [N,i] tensor, and sums are accumulated inside the matmul (`addmm`) rather
+than by a separate pass.
 
 X·Aᵀ is never saved for backward: variants that need it in backward recompute it (`ops.recompute`
 tags it so the partitioner does not keep the forward's copy alive), and so does the merged weight
@@ -27,6 +30,7 @@ criterion go to the earlier (lower-numbered) entry, as in the paper.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -67,25 +71,37 @@ class Dims:
 
 
 @dataclass(frozen=True)
+class SiteFacts:
+    """What the matcher (passes/match.py) established about one site: all that a guard reads."""
+
+    plain_linear_base: bool          # the base term is X_b·Wᵀ (+ bias) of a weight parameter
+    adapter_dtype: torch.dtype       # the dtype X·Aᵀ·Bᵀ is computed in
+    base_dtype: torch.dtype          # the dtype of the base result
+    weight_dtype: torch.dtype | None  # W's dtype as the base product reads it (None: no plain linear base)
+    dropout: bool                    # a random op (lora_dropout) lies between the model and the adapter's X
+    adapter_reads_base_input: bool   # X is provably the base product's own input
+    base_used_elsewhere: bool        # the base result feeds more than the site's sum
+    needs_dx: bool                   # the adapter's input needs a gradient in this graph
+    dx_sum_found: bool               # the base's dY·W is summed with the adapter's dX_a
+
+
+@dataclass(frozen=True)
 class Variant:
     name: str              # the paper's name: "forward1" … "backward5"
     title: str             # what it does, in words
     equation: str
     compute: Callable
     gemms: Callable[[Dims], list]
-    merges_weight: bool    # builds W + s·B·A: only legal where the base and the adapter see the same X
+    merges_weight: bool    # builds W + s·B·A (from the base's Wᵀ operand and bias)
+    guard: Callable[[SiteFacts], str | None]   # why it would be wrong at a site; None: legal there
 
     @property
     def stage(self) -> str:
         return "forward" if self.name.startswith("forward") else "backward"
 
-    def illegal_reason(self, site) -> str | None:
-        """Why this variant would be wrong at `site` (None: it is legal). The merged weight W + s·B·A
-        needs the base and the adapter to read the same X (no dropout) in the same dtype, and, for dX,
-        the base's own input-gradient product to fold into; the matcher records what blocks that."""
-        if not self.merges_weight:
-            return None
-        return site.merge_forward_block if self.stage == "forward" else site.merge_backward_block
+    def illegal_reason(self, facts: SiteFacts) -> str | None:
+        """Why this variant would be wrong at a site with these facts (None: it is legal there)."""
+        return self.guard(facts)
 
     def flops(self, dims: Dims):
         return sum(g.flops() for g in self.gemms(dims))
@@ -94,7 +110,7 @@ class Variant:
         return sum(g.bytes(element_size) for g in self.gemms(dims))
 
 
-# --- operands -------------------------------------------------------------------------------------
+# --- operands and results --------------------------------------------------------------------------
 
 @dataclass
 class ForwardOperands:
@@ -110,13 +126,17 @@ class ForwardOperands:
     bias: Any = None
 
 
+class DxMode(enum.Enum):
+    """Which input gradient a backward variant returns (None where X needs no gradient)."""
+
+    TOTAL = "total"   # dY·W + s·dY·B·A: the rewrite replaces the base layer's input-gradient product too
+    LORA = "lora"     # s·dY·B·A only: the model adds the base part itself (across a cast or a dropout mask)
+
+
 @dataclass
 class BackwardOperands:
-    """What a backward variant reads: dY (unscaled, [N,o]), X, A, B, s, and Wᵀ as [i,o].
-
-    `dx`: None (X needs no gradient), "total" (return dY·W + s·dY·B·A: the rewrite replaces the base
-    layer's input-gradient product too) or "lora" (return only s·dY·B·A: the model adds the base part
-    itself, e.g. across a dtype cast or a dropout mask)."""
+    """What a backward variant reads: dY (unscaled, [N,o]), X, A, B, s, and Wᵀ as [i,o] (for
+    `dx=DxMode.TOTAL`), and which input gradient to return."""
 
     dy: Any
     x: Any
@@ -124,7 +144,26 @@ class BackwardOperands:
     b: Any
     s: Any
     w_io: Any = None
-    dx: str | None = "total"
+    dx: DxMode | None = DxMode.TOTAL
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """A forward variant's Y, and X·Aᵀ when it computes that product (forward1)."""
+
+    y: Any                 # [N,o]
+    xa: Any = None         # X·Aᵀ [N,r]
+
+
+@dataclass(frozen=True)
+class BackwardResult:
+    """A backward variant's gradients, and the products of them that other passes reuse."""
+
+    grad_a: Any            # dA [r,i]
+    grad_b: Any            # dB [o,r]
+    grad_x: Any            # dX [N,i]; None where X needs no gradient
+    z1: Any = None         # Z1 = dY·(s·B) [N,r] where dA = Z1ᵀ·X (backward1/2/5); None where dA = (s·B)ᵀ·Zt
+    xa: Any = None         # Z2 = X·Aᵀ [N,r], where the variant recomputes it (backward1/5)
 
 
 class EagerOps:
@@ -159,10 +198,10 @@ def _linear(ops, x, w_io, bias):
 
 # --- forward ----------------------------------------------------------------------------------------
 
-def factored_forward(ops, p: ForwardOperands):
+def factored_forward(ops, p: ForwardOperands) -> ForwardResult:
     """forward1: Y = X·Wᵀ + (X·Aᵀ)·(s·B)ᵀ — the adapter product accumulated onto the base result."""
     xa = ops.recompute(ops.mm(p.x, ops.t(p.a)))
-    return ops.addmm(p.base, xa, ops.t(_scaled_b(ops, p)))
+    return ForwardResult(ops.addmm(p.base, xa, ops.t(_scaled_b(ops, p))), xa=xa)
 
 
 def factored_forward_gemms(d: Dims):  # 2N·(i·o + r·i + o·r)
@@ -171,10 +210,15 @@ def factored_forward_gemms(d: Dims):  # 2N·(i·o + r·i + o·r)
             Gemm(d.N, d.r, d.o, "+ (X·Aᵀ)·(s·B)ᵀ", accumulate=True)]
 
 
-def merged_weight_forward(ops, p: ForwardOperands):
+def always_legal(facts: SiteFacts) -> None:
+    """The factored variants compute exactly PEFT's sum, at every site the matcher accepts."""
+    return None
+
+
+def merged_weight_forward(ops, p: ForwardOperands) -> ForwardResult:
     """forward2: Y = X·(W + s·B·A)ᵀ — fold the adapter into the weight, then one product."""
     merged_w_io = ops.recompute(ops.addmm(p.w_io, ops.t(p.a), ops.t(_scaled_b(ops, p))))
-    return _linear(ops, p.x, merged_w_io, p.bias)
+    return ForwardResult(_linear(ops, p.x, merged_w_io, p.bias))
 
 
 def merged_weight_forward_gemms(d: Dims):  # 2·(i·o·r + N·o·i)
@@ -182,10 +226,33 @@ def merged_weight_forward_gemms(d: Dims):  # 2·(i·o·r + N·o·i)
             Gemm(d.N, d.i, d.o, "X·(W + s·B·A)ᵀ")]
 
 
+# Reasons shared by the forward and the backward merged-weight guards.
+NO_PLAIN_LINEAR = "the base result is not a plain linear of the input (another adapter, or a quantized base)"
+DTYPE_SPLIT = ("the adapter computes in {} but the base in {}: merging would round the adapter "
+               "into the base weight's precision")
+
+
+def merged_weight_forward_guard(facts: SiteFacts) -> str | None:
+    """forward2 replaces the base product: it needs that product to be X·Wᵀ (+ bias) of the adapter's own
+    X, in the adapter's dtype, and used by nothing else."""
+    if not facts.plain_linear_base:
+        return NO_PLAIN_LINEAR
+    if facts.base_dtype != facts.adapter_dtype or facts.weight_dtype != facts.adapter_dtype:
+        return DTYPE_SPLIT.format(facts.adapter_dtype, facts.base_dtype)
+    if facts.dropout:
+        return "lora_dropout: the adapter's input differs from the base's, X·(W + s·B·A)ᵀ would be wrong"
+    if not facts.adapter_reads_base_input:
+        return "the adapter's input is not provably the base's input"
+    if facts.base_used_elsewhere:
+        return "the base result is used elsewhere too, so it would still have to be computed"
+    return None
+
+
 FORWARD1 = Variant("forward1", "factored: (X·Aᵀ)·Bᵀ added onto X·Wᵀ", "Y = X·Wᵀ + (X·Aᵀ)·(s·B)ᵀ",
-                   factored_forward, factored_forward_gemms, merges_weight=False)
+                   factored_forward, factored_forward_gemms, merges_weight=False, guard=always_legal)
 FORWARD2 = Variant("forward2", "merged weight: X·(W + s·B·A)ᵀ", "Y = X·(W + s·B·A)ᵀ",
-                   merged_weight_forward, merged_weight_forward_gemms, merges_weight=True)
+                   merged_weight_forward, merged_weight_forward_gemms, merges_weight=True,
+                   guard=merged_weight_forward_guard)
 
 
 # --- backward ---------------------------------------------------------------------------------------
@@ -194,7 +261,7 @@ FORWARD2 = Variant("forward2", "merged weight: X·(W + s·B·A)ᵀ", "Y = X·(W 
 
 def _input_grad_factored(ops, p: BackwardOperands, z1):
     """dX = dY·W + Z1·A (or only Z1·A when the model adds the base part itself)."""
-    if p.dx == "total":
+    if p.dx is DxMode.TOTAL:
         return ops.addmm(ops.mm(p.dy, ops.t(p.w_io)), z1, p.a)
     return ops.mm(z1, p.a)
 
@@ -217,7 +284,23 @@ def _dx_gemms_merged(d: Dims):
     return [Gemm(d.i, d.r, d.o, "Wᵀ + Aᵀ·(s·B)ᵀ", accumulate=True), Gemm(d.N, d.o, d.i, "dY·(W + s·B·A)")]
 
 
-def backward1(ops, p: BackwardOperands):
+def merged_weight_backward_guard(facts: SiteFacts) -> str | None:
+    """backward4/5 build dX = dY·(W + s·B·A) in place of the whole sum dY·W + Z1·A: they need the base's
+    dY·W in the same sum as the adapter's dX_a. Without dX they merge nothing (they compute what 3/1 do)
+    but stay illegal wherever a merge would be, so no report shows a merged variant under dropout or a
+    dtype split."""
+    if not facts.plain_linear_base:
+        return NO_PLAIN_LINEAR
+    if facts.adapter_dtype != facts.base_dtype:
+        return DTYPE_SPLIT.format(facts.adapter_dtype, facts.base_dtype)
+    if facts.dropout:
+        return "lora_dropout: the adapter's input differs from the base's"
+    if facts.needs_dx and not facts.dx_sum_found:
+        return "the base layer's input gradient dY·W was not found in the same sum as the adapter's"
+    return None
+
+
+def backward1(ops, p: BackwardOperands) -> BackwardResult:
     """backward1 (Algorithm 1): dA = Z1ᵀ·X, dB = s·dYᵀ·Z2, dX = dY·W + Z1·A, with Z1 = s·dY·B, Z2 = X·Aᵀ recomputed."""
     sb = _scaled_b(ops, p)
     z1 = ops.mm(p.dy, sb)
@@ -225,7 +308,7 @@ def backward1(ops, p: BackwardOperands):
     grad_a = ops.mm(ops.t(z1), p.x)
     grad_b = ops.scale(ops.mm(ops.t(p.dy), z2), p.s)
     grad_x = _input_grad_factored(ops, p, z1) if p.dx else None
-    return grad_a, grad_b, grad_x
+    return BackwardResult(grad_a, grad_b, grad_x, z1=z1, xa=z2)
 
 
 def backward1_gemms(d: Dims):  # 2N·(2o·r + 3i·r + o·i)
@@ -233,7 +316,7 @@ def backward1_gemms(d: Dims):  # 2N·(2o·r + 3i·r + o·i)
             Gemm(d.r, d.N, d.i, "dA = Z1ᵀ·X"), Gemm(d.o, d.N, d.r, "dB = dYᵀ·Z2")] + _dx_gemms_factored(d)
 
 
-def backward2(ops, p: BackwardOperands):
+def backward2(ops, p: BackwardOperands) -> BackwardResult:
     """backward2 (Algorithm 2): dA = Z1ᵀ·X, dB = s·Zt·Aᵀ, dX = dY·W + Z1·A, with Zt = dYᵀ·X."""
     sb = _scaled_b(ops, p)
     z1 = ops.mm(p.dy, sb)
@@ -241,7 +324,7 @@ def backward2(ops, p: BackwardOperands):
     grad_a = ops.mm(ops.t(z1), p.x)
     grad_b = ops.scale(ops.mm(zt, ops.t(p.a)), p.s)
     grad_x = _input_grad_factored(ops, p, z1) if p.dx else None
-    return grad_a, grad_b, grad_x
+    return BackwardResult(grad_a, grad_b, grad_x, z1=z1)
 
 
 def backward2_gemms(d: Dims):  # 2N·(o·r + 2i·r + 2i·o) + 2i·o·r
@@ -249,14 +332,14 @@ def backward2_gemms(d: Dims):  # 2N·(o·r + 2i·r + 2i·o) + 2i·o·r
             Gemm(d.r, d.N, d.i, "dA = Z1ᵀ·X"), Gemm(d.o, d.i, d.r, "dB = Zt·Aᵀ")] + _dx_gemms_factored(d)
 
 
-def backward3(ops, p: BackwardOperands):
+def backward3(ops, p: BackwardOperands) -> BackwardResult:
     """backward3 (Algorithm 3): dA = (s·B)ᵀ·Zt, dB = s·Zt·Aᵀ, dX = dY·W + Z1·A, with Zt = dYᵀ·X."""
     sb = _scaled_b(ops, p)
     zt = ops.mm(ops.t(p.dy), p.x)
     grad_a = ops.mm(ops.t(sb), zt)
     grad_b = ops.scale(ops.mm(zt, ops.t(p.a)), p.s)
     grad_x = _input_grad_factored(ops, p, ops.mm(p.dy, sb)) if p.dx else None
-    return grad_a, grad_b, grad_x
+    return BackwardResult(grad_a, grad_b, grad_x)
 
 
 def backward3_gemms(d: Dims):  # 2N·(2i·o + o·r + i·r) + 4i·o·r
@@ -265,14 +348,14 @@ def backward3_gemms(d: Dims):  # 2N·(2i·o + o·r + i·r) + 4i·o·r
             Gemm(d.o, d.i, d.r, "dB = Zt·Aᵀ")] + dx
 
 
-def backward4(ops, p: BackwardOperands):
+def backward4(ops, p: BackwardOperands) -> BackwardResult:
     """backward4 (Algorithm 4): dA = (s·B)ᵀ·Zt, dB = s·Zt·Aᵀ, dX = dY·(W + s·B·A)."""
     sb = _scaled_b(ops, p)
     zt = ops.mm(ops.t(p.dy), p.x)
     grad_a = ops.mm(ops.t(sb), zt)
     grad_b = ops.scale(ops.mm(zt, ops.t(p.a)), p.s)
     grad_x = _input_grad_merged(ops, p, sb) if p.dx else None
-    return grad_a, grad_b, grad_x
+    return BackwardResult(grad_a, grad_b, grad_x)
 
 
 def backward4_gemms(d: Dims):  # 2·(2N·i·o + 3i·o·r)
@@ -280,7 +363,7 @@ def backward4_gemms(d: Dims):  # 2·(2N·i·o + 3i·o·r)
             Gemm(d.o, d.i, d.r, "dB = Zt·Aᵀ")] + _dx_gemms_merged(d)
 
 
-def backward5(ops, p: BackwardOperands):
+def backward5(ops, p: BackwardOperands) -> BackwardResult:
     """backward5 (Algorithm 5): dA = Z1ᵀ·X, dB = s·dYᵀ·Z2, dX = dY·(W + s·B·A), Z2 = X·Aᵀ recomputed."""
     sb = _scaled_b(ops, p)
     z1 = ops.mm(p.dy, sb)
@@ -288,7 +371,7 @@ def backward5(ops, p: BackwardOperands):
     grad_a = ops.mm(ops.t(z1), p.x)
     grad_b = ops.scale(ops.mm(ops.t(p.dy), z2), p.s)
     grad_x = _input_grad_merged(ops, p, sb) if p.dx else None
-    return grad_a, grad_b, grad_x
+    return BackwardResult(grad_a, grad_b, grad_x, z1=z1, xa=z2)
 
 
 def backward5_gemms(d: Dims):  # 2N·(2o·r + 2i·r + o·i) + 2i·o·r
@@ -296,18 +379,20 @@ def backward5_gemms(d: Dims):  # 2N·(2o·r + 2i·r + o·i) + 2i·o·r
             Gemm(d.r, d.N, d.i, "dA = Z1ᵀ·X"), Gemm(d.o, d.N, d.r, "dB = dYᵀ·Z2")] + _dx_gemms_merged(d)
 
 
-BACKWARD1 = Variant("backward1", "factored, X·Aᵀ recomputed", "dA = Z1ᵀX, dB = s·dYᵀ(XAᵀ), dX = dY·W + Z1·A",
-                    backward1, backward1_gemms, merges_weight=False)
+BACKWARD1 = Variant("backward1", "factored, X·Aᵀ recomputed",
+                    "dA = Z1ᵀX, dB = s·dYᵀ(XAᵀ), dX = dY·W + Z1·A",
+                    backward1, backward1_gemms, merges_weight=False, guard=always_legal)
 BACKWARD2 = Variant("backward2", "dB through dYᵀ·X", "dA = Z1ᵀX, dB = s·(dYᵀX)·Aᵀ, dX = dY·W + Z1·A",
-                    backward2, backward2_gemms, merges_weight=False)
-BACKWARD3 = Variant("backward3", "dA and dB through dYᵀ·X", "dA = (sB)ᵀ(dYᵀX), dB = s·(dYᵀX)·Aᵀ, dX = dY·W + Z1·A",
-                    backward3, backward3_gemms, merges_weight=False)
+                    backward2, backward2_gemms, merges_weight=False, guard=always_legal)
+BACKWARD3 = Variant("backward3", "dA and dB through dYᵀ·X",
+                    "dA = (sB)ᵀ(dYᵀX), dB = s·(dYᵀX)·Aᵀ, dX = dY·W + Z1·A",
+                    backward3, backward3_gemms, merges_weight=False, guard=always_legal)
 BACKWARD4 = Variant("backward4", "dA, dB through dYᵀ·X; dX through the merged weight",
                     "dA = (sB)ᵀ(dYᵀX), dB = s·(dYᵀX)·Aᵀ, dX = dY·(W + s·B·A)",
-                    backward4, backward4_gemms, merges_weight=True)
+                    backward4, backward4_gemms, merges_weight=True, guard=merged_weight_backward_guard)
 BACKWARD5 = Variant("backward5", "factored dA, dB; dX through the merged weight",
                     "dA = Z1ᵀX, dB = s·dYᵀ(XAᵀ), dX = dY·(W + s·B·A)",
-                    backward5, backward5_gemms, merges_weight=True)
+                    backward5, backward5_gemms, merges_weight=True, guard=merged_weight_backward_guard)
 
 # The gradients as autograd derives them from PEFT's forward (what stock Inductor runs): X·Aᵀ saved
 # from the forward, the scale applied to the [N,o] gradient. Not a variant: the "before" of the report.

@@ -17,11 +17,12 @@ from torch.fx import Graph
 from lora_rewrite import compat, debug
 from lora_rewrite.dump import GraphCapture
 from lora_rewrite.options import RunLoraOptions
-from lora_rewrite.variants import Dims, autograd_backward_gemms
-from lora_rewrite.passes.match import Site, Skip, match_graph, match_site
 from lora_rewrite.passes.fuse import fuse_siblings
-from lora_rewrite.passes.plan import Plan, plan_site
+from lora_rewrite.passes.match import match_graph, match_site
+from lora_rewrite.passes.plan import plan_site
+from lora_rewrite.passes.provenance import provenance_of
 from lora_rewrite.passes.rewrite import RewriteError, rewrite_site
+from lora_rewrite.passes.site import NoMatch
 
 __all__ = ["RunLoraPass", "rewrite_graph"]
 
@@ -34,66 +35,37 @@ def _fake_mode(graph: Graph):
     return mode
 
 
-def _site_report(site: Site, plan: Plan, criterion: str) -> debug.SiteReport:
-    dims = site.dims
-    n_used = plan.n_used
-    report_dims = Dims(n_used, dims.i, dims.o, dims.r, dims.needs_dx) if n_used is not None else None
-    flops_before = flops_after = saved = None
-    if report_dims is not None:
-        from lora_rewrite.variants import FORWARD1
-
-        flops_before = FORWARD1.flops(report_dims)
-        flops_after = plan.forward.variant.flops(report_dims)
-        if site.has_backward:
-            flops_before += sum(g.flops() for g in autograd_backward_gemms(report_dims))
-            flops_after += plan.backward.variant.flops(report_dims) if plan.backward else 0
-            saved = n_used * dims.r * site.x.meta["val"].element_size()
-    n = dims.N
-    return debug.SiteReport(
-        module=site.module_path, adapter=site.adapter,
-        N=n if isinstance(n, int) else compat.sym_expr(n), N_used=n_used,
-        i=dims.i, o=dims.o, r=dims.r,
-        scale=site.scale if isinstance(site.scale, (int, float)) else f"tensor {site.scale.name}",
-        dropout=site.dropout, dtype=str(site.dtype).replace("torch.", ""), needs_dx=dims.needs_dx,
-        dx_mode=site.dx_mode if plan.backward else None,
-        forward=plan.forward.variant.name, backward=plan.backward.variant.name if plan.backward else None,
-        criterion=criterion, forward_costs=dict(plan.forward.costs),
-        backward_costs=dict(plan.backward.costs) if plan.backward else {},
-        cost_unit=plan.forward.unit, flops_before=flops_before, flops_after=flops_after,
-        saved_bytes_avoided=saved, notes=list(plan.notes), module_key=site.module_key,
-    )
-
-
 def rewrite_graph(graph: Graph, options: RunLoraOptions) -> debug.GraphReport:
     """Rewrite every LoRA site of `graph` in place; returns what was done (also published)."""
     anchors, backward = match_graph(graph)
-    kind = "joint" if any(n.op == "placeholder" and "tangents" in str(n.target) for n in graph.nodes) \
-        else "inference"
-    report = debug.GraphReport(compat.compile_id(), kind, options.criterion)
+    report = debug.GraphReport(compat.compile_id(), "joint" if backward else "inference", options.criterion)
     capture = GraphCapture(graph, options.dump_dir)
     fake_mode = _fake_mode(graph) if anchors else None
     rewritten = []
     for anchor in anchors:
-        matched = match_site(anchor, backward)
-        if isinstance(matched, Skip):
-            report.skipped.append(debug.SkipReport(matched.module_path, matched.reason, matched.module_key))
-            continue
-        plan = plan_site(matched, options)
-        before = capture.site_before(matched.nodes())
         try:
-            new_nodes = rewrite_site(graph, fake_mode, matched, plan.forward.variant,
-                                     plan.backward.variant if plan.backward else None)
-        except RewriteError as e:
-            debug.log.warning("runlora left %s untouched: %s", matched.module_path, e)
-            report.skipped.append(debug.SkipReport(matched.module_path, f"rewrite failed, graph kept: {e}",
-                                                   matched.module_key))
+            site = match_site(anchor, backward)
+        except NoMatch as no_match:
+            module = provenance_of(anchor)
+            report.skipped.append(debug.SkipReport(module.path, str(no_match), module.key))
             continue
-        capture.site_after(matched.module_path, before, new_nodes)
-        report.sites.append(_site_report(matched, plan, options.criterion))
-        rewritten.append((matched, new_nodes))
+        plan = plan_site(site, options)
+        before = capture.site_before(site.nodes())
+        try:
+            done = rewrite_site(graph, fake_mode, site, plan.forward.variant,
+                                plan.backward.variant if plan.backward else None)
+        except RewriteError as e:
+            debug.log.warning("runlora left %s untouched: %s", site.module_path, e)
+            report.skipped.append(debug.SkipReport(site.module_path, f"rewrite failed, graph kept: {e}",
+                                                   site.provenance.key))
+            continue
+        capture.site_after(site.module_path, before, done.new_nodes)
+        report.sites.append(debug.site_report(site, plan, options.criterion))
+        rewritten.append(done)
     if options.fuse_siblings and len(rewritten) > 1:
         for fusion in fuse_siblings(graph, fake_mode, rewritten):
-            report.fused.append(debug.FusionReport(fusion.kind, [s.module_path for s in fusion.sites], fusion.ranks))
+            report.fused.append(debug.FusionReport(fusion.kind.name, [s.module_path for s in fusion.sites],
+                                                   fusion.ranks))
     if report.sites:
         compat.stable_topological_sort(graph)
         graph.lint()

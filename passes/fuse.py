@@ -7,6 +7,9 @@ done once per group of siblings instead of once per site (m siblings, ranks r₁
                                                                           recomputed Z2 of backward1/5)
     Z1ₖᵀ·X  [rₖ,i] each  →  [Z1₁,…,Z1ₘ]ᵀ·X [R,i], then row slices       (dA of backward1/2/5)
 
+Each rewritten site's record (`RewrittenSite.products`) names its X·Aᵀ and its dA = Z1ᵀ·X with that
+Z1; `FusionKind` says how each kind is stacked and where the fused product goes.
+
 The FLOPs are the same (2·N·i·R either way); what changes is memory traffic and launches: X (N×i)
 is read once instead of m times per product kind, for the price of concatenating the A's ([R,i],
 tiny) or the Z1's ([N,R], small). The input-gradient sum Σ Z1ₖ·Aₖ is not fused: it is summed across
@@ -27,142 +30,125 @@ import torch
 from torch.fx import Graph, Node
 
 from lora_rewrite import debug
-from lora_rewrite.passes.match import MM, Site, dtype, is_call, same_shape, same_value, shape
-from lora_rewrite.passes.rewrite import GraphOps
+from lora_rewrite.passes.fx import depends_on, dtype, erase_unused, made_by_runlora, same_shape, same_value, shape
+from lora_rewrite.passes.rewrite import GraphOps, RewrittenSite, SiteProducts
+from lora_rewrite.passes.site import Site
 
 aten = torch.ops.aten
-PERMUTE = aten.permute.default
+
+# One sibling's share of a fusion: its rewritten site and its product of the kind being fused.
+Member = tuple[RewrittenSite, Node]
+
+
+@dataclass(frozen=True)
+class FusionKind:
+    """One kind of product that siblings can do as one."""
+
+    name: str                                         # as the report names it
+    product_of: Callable[[SiteProducts], Node | None]  # a rewritten site's product of this kind
+    build: Callable[[GraphOps, list[Member]], Node]    # the fused product, from the group's members
+    stacked_dim: int        # the siblings' results lie side by side along this dim of the fused product
+    before_last: bool       # insert before the group's last product (False: before its first)
 
 
 @dataclass
 class Fusion:
     """One group of sibling products done as one."""
 
-    kind: str                  # "X·Aᵀ" or "dA = Z1ᵀ·X"
+    kind: FusionKind
     sites: list                # the sites, in graph order
     ranks: list
     fused: Node
 
 
-def adapter_product(site: Site, new_nodes: list[Node]) -> Node | None:
-    """The rewritten site's X·Aᵀ: mm(X, permute(A)) among its new nodes."""
-    for n in new_nodes:
-        if is_call(n, MM) and n.args[0] is site.x and _is_transpose_node(n.args[1], site.a):
-            return n
-    return None
+def _adapter_product(products: SiteProducts) -> Node | None:
+    # Forward1's X·Aᵀ and backward1/5's recomputed Z2 are one node when both exist (GraphOps emits a
+    # product once); a site with either has one X·Aᵀ to fuse.
+    return products.forward_xa if products.forward_xa is not None else products.backward_xa
 
 
-def adapter_weight_grad(site: Site, new_nodes: list[Node]) -> Node | None:
-    """The rewritten site's dA = Z1ᵀ·X with Z1 = dY·(s·B) a product of its own: mm(permute(Z1), X)."""
-    created = set(new_nodes)
-    for n in new_nodes:
-        if not (is_call(n, MM) and n.args[1] is site.x and is_call(n.args[0], PERMUTE)
-                and list(n.args[0].args[1]) == [1, 0]):
-            continue
-        z1 = n.args[0].args[0]
-        if z1 in created and is_call(z1, MM) and same_shape(shape(n), (site.dims.r, site.dims.i)):
-            return n
-    return None
+def _fused_adapter_product(ops: GraphOps, group: list[Member]) -> Node:
+    """X·[A₁;…;Aₘ]ᵀ [N,R]: one read of X for every sibling's X·Aₖᵀ."""  # 2·N·i·R FLOPs
+    a_stacked = ops.call(aten.cat.default, [member.site.forward.a for member, _ in group], 0)
+    return ops.mm(group[0][0].site.forward.x, ops.t(a_stacked))
 
 
-def _is_transpose_node(node, source) -> bool:
-    return is_call(node, PERMUTE) and node.args[0] is source and list(node.args[1]) == [1, 0]
+def _fused_adapter_weight_grad(ops: GraphOps, group: list[Member]) -> Node:
+    """[Z1₁,…,Z1ₘ]ᵀ·X [R,i]: one read of X for every sibling's dA."""  # 2·R·N·i FLOPs
+    z1_side_by_side = ops.call(aten.cat.default, [member.products.z1 for member, _ in group], 1)
+    return ops.mm(ops.t(z1_side_by_side), group[0][0].site.forward.x)
 
 
-def sibling_groups(members: list[tuple[Site, Node]]) -> list[list[tuple[Site, Node]]]:
+# In the order they are fused. Forward products go before the group's first (X and the A's exist
+# there); dA before the last (every Z1 exists only there).
+ADAPTER_PRODUCT = FusionKind("X·Aᵀ", _adapter_product, _fused_adapter_product, stacked_dim=1, before_last=False)
+ADAPTER_WEIGHT_GRAD = FusionKind("dA = Z1ᵀ·X", lambda products: products.grad_a, _fused_adapter_weight_grad,
+                                 stacked_dim=0, before_last=True)
+FUSION_KINDS = (ADAPTER_PRODUCT, ADAPTER_WEIGHT_GRAD)
+
+
+def sibling_groups(members: list[Member]) -> list[list[Member]]:
     """Group (site, product) pairs whose adapter inputs hold the same value in the same dtype."""
-    groups: list[list[tuple[Site, Node]]] = []
-    for site, product in members:
+    groups: list[list[Member]] = []
+    for member, product in members:
+        x = member.site.forward.x
         for group in groups:
-            first = group[0][0]
-            if dtype(site.x) == dtype(first.x) and dtype(product) == dtype(group[0][1]) \
-                    and same_shape(shape(site.x), shape(first.x)) and same_value(site.x, first.x):
-                group.append((site, product))
+            first_x = group[0][0].site.forward.x
+            if dtype(x) == dtype(first_x) and dtype(product) == dtype(group[0][1]) \
+                    and same_shape(shape(x), shape(first_x)) and same_value(x, first_x):
+                group.append((member, product))
                 break
         else:
-            groups.append([(site, product)])
+            groups.append([(member, product)])
     return [g for g in groups if len(g) > 1]
 
 
-def _depends_on(roots: list, targets: set[Node]) -> bool:
-    pending = [r for r in roots if isinstance(r, Node)]
-    seen: set[Node] = set()
-    while pending:
-        node = pending.pop()
-        if node in targets:
-            return True
-        if node in seen:
-            continue
-        seen.add(node)
-        pending.extend(node.all_input_nodes)
-    return False
-
-
-def _fuse(graph: Graph, fake_mode, group, order, kind: str,
-          build: Callable[[GraphOps, list[tuple[Site, Node]]], Node], slice_dim: int) -> Fusion | None:
+def _fuse(graph: Graph, fake_mode, group: list[Member], order: dict, kind: FusionKind) -> Fusion | None:
     group = sorted(group, key=lambda member: order[member[1]])
     olds = [product for _, product in group]
-    names = ", ".join(site.module_path for site, _ in group)
-    if _depends_on([arg for product in olds for arg in product.all_input_nodes], set(olds)):
-        debug.log.debug("runlora did not fuse %s of %s: an input depends on a product it replaces", kind, names)
+    sites: list[Site] = [member.site for member, _ in group]
+    names = ", ".join(site.module_path for site in sites)
+    if depends_on([arg for product in olds for arg in product.all_input_nodes], set(olds)):
+        debug.log.debug("runlora did not fuse %s of %s: an input depends on a product it replaces", kind.name, names)
         return None
     ops = GraphOps(graph, fake_mode)
-    # forward products go before the first (X and the A's exist there); dA before the last (every Z1 does)
-    with ops.like(olds[0] if slice_dim == 1 else olds[-1]):
-        fused = build(ops, group)
+    with ops.like(olds[-1] if kind.before_last else olds[0]):
+        fused = kind.build(ops, group)
         slices, offset = [], 0
-        for site, product in group:
+        for site in sites:
             r = site.dims.r
-            slices.append(ops.call(aten.slice.Tensor, fused, slice_dim, offset, offset + r))
+            slices.append(ops.call(aten.slice.Tensor, fused, kind.stacked_dim, offset, offset + r))
             offset += r
     for old, new in zip(olds, slices):
         if not same_shape(shape(new), shape(old)) or dtype(new) != dtype(old):
             ops.erase_created()
             debug.log.debug("runlora did not fuse %s of %s: a slice of the fused product is %s%s, not %s%s",
-                            kind, names, dtype(new), list(shape(new) or ()), dtype(old), list(shape(old) or ()))
+                            kind.name, names, dtype(new), list(shape(new) or ()), dtype(old), list(shape(old) or ()))
             return None
     if any("recompute" in old.meta for old in olds):  # never saved, as the products it replaces
         for node in ops.created:
             ops.recompute(node)
     for old, new in zip(olds, slices):
         old.replace_all_uses_with(new)
-        inputs_of_old = list(old.all_input_nodes)
-        graph.erase_node(old)
-        for node in inputs_of_old:
-            if node.op == "call_function" and not node.users and node.meta.get("runlora"):
-                graph.erase_node(node)
-    return Fusion(kind, [site for site, _ in group], [site.dims.r for site, _ in group], fused)
+        # The replaced product goes, with what runlora built only for it (the transposes of A or Z1).
+        erase_unused(graph, [old], erasable=made_by_runlora)
+    return Fusion(kind, sites, [site.dims.r for site in sites], fused)
 
 
-def _fused_adapter_product(ops: GraphOps, group) -> Node:
-    """X·[A₁;…;Aₘ]ᵀ [N,R]: one read of X for every sibling's X·Aₖᵀ."""  # 2·N·i·R FLOPs
-    a_stacked = ops.call(aten.cat.default, [site.a for site, _ in group], 0)
-    return ops.mm(group[0][0].x, ops.t(a_stacked))
-
-
-def _fused_adapter_weight_grad(ops: GraphOps, group) -> Node:
-    """[Z1₁,…,Z1ₘ]ᵀ·X [R,i]: one read of X for every sibling's dA."""  # 2·R·N·i FLOPs
-    z1s = [product.args[0].args[0] for _, product in group]
-    z1_side_by_side = ops.call(aten.cat.default, z1s, 1)
-    return ops.mm(ops.t(z1_side_by_side), group[0][0].x)
-
-
-def fuse_siblings(graph: Graph, fake_mode, rewritten: list[tuple[Site, list[Node]]]) -> list[Fusion]:
+def fuse_siblings(graph: Graph, fake_mode, rewritten: list[RewrittenSite]) -> list[Fusion]:
     """Fuse the shared-input products of sibling sites in place; returns what was fused. New nodes may
     sit before some of their inputs: the caller sorts the graph topologically, as after rewrite_site."""
     fusions: list[Fusion] = []
-    for kind, find, build, slice_dim in (
-            ("X·Aᵀ", adapter_product, _fused_adapter_product, 1),
-            ("dA = Z1ᵀ·X", adapter_weight_grad, _fused_adapter_weight_grad, 0)):
-        alive = set(graph.nodes)
-        members = [(site, p) for site, nodes in rewritten
-                   if (p := find(site, [n for n in nodes if n in alive])) is not None]
+    for kind in FUSION_KINDS:
+        alive = set(graph.nodes)  # an earlier fusion may have replaced a product a record names
+        members = [(member, product) for member in rewritten
+                   if (product := kind.product_of(member.products)) is not None and product in alive]
         groups = sibling_groups(members)
         if not groups:
             continue
         order = {n: k for k, n in enumerate(graph.nodes)}
         for group in groups:
-            fusion = _fuse(graph, fake_mode, group, order, kind, build, slice_dim)
+            fusion = _fuse(graph, fake_mode, group, order, kind)
             if fusion is not None:
                 fusions.append(fusion)
     return fusions

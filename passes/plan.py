@@ -19,62 +19,91 @@ from typing import Any
 import torch
 
 from lora_rewrite import compat
-from lora_rewrite.cost import Choice, choose
+from lora_rewrite.cost import Choice, CostUnit, choose
 from lora_rewrite.options import RunLoraOptions
-from lora_rewrite.variants import BACKWARDS, BY_NAME, FORWARDS, Dims, Variant
-from lora_rewrite.passes.match import Site
+from lora_rewrite.variants import BACKWARDS, BY_NAME, FORWARDS, Dims, SiteFacts, Variant
+from lora_rewrite.passes.site import Site
 
 
 @dataclass
 class Plan:
+    """The variants chosen for one site.
+
+    Attributes:
+        forward: the forward variant and the costs it was chosen by.
+        backward: the backward variant; None where the site's backward is not rewritten.
+        n_used: the token count the costs were computed for (the size hint when N is symbolic; None
+            when N has none).
+        notes: what the report says besides the choice: illegal variants and why, fallbacks, guards.
+    """
+
     forward: Choice
     backward: Choice | None
     n_used: int | None
     notes: list = field(default_factory=list)
 
 
-def _legal(variants, site: Site) -> list[Variant]:
-    return [v for v in variants if v.illegal_reason(site) is None]
-
-
-def _choose_stage(stage: str, variants, forced: str | None, site: Site, dims: Dims, options: RunLoraOptions,
-                  notes: list, n_known: bool) -> Choice:
-    legal = _legal(variants, site)
-    if forced is not None:
-        variant = BY_NAME[forced]
-        reason = variant.illegal_reason(site)
-        if reason is None:
-            return Choice(variant, forced=True, unit="forced")
-        notes.append(f"forced {forced} is illegal here ({reason}); chose by {options.criterion} instead")
-    if not n_known:
-        notes.append(f"N has no size hint: {stage} falls back to {legal[0].name}")
-        return Choice(legal[0], unit="fallback")
-    dtype = site.dtype
-    device = site.x.meta["val"].device
-    return choose(legal, dims, options.criterion, dtype=dtype, device=device, stage=stage)
-
-
 def plan_site(site: Site, options: RunLoraOptions) -> Plan:
+    """Choose the site's forward and (when it has one) backward variant.
+
+    Only variants whose guard finds them legal at the site are candidates. A forced variant (option
+    `forward` / `backward`) is taken when legal; otherwise the criterion chooses among the legal ones.
+
+    Args:
+        site: a matched site (passes/match.py).
+        options: the backend's options: `criterion`, `forward`, `backward`, `dynamic_policy`.
+
+    Returns:
+        the plan, with a note for each illegal group of variants and each fallback.
+    """
     notes: list[str] = []
     n = site.dims.N
     n_used = n if isinstance(n, int) else compat.size_hint(n)
     dims = replace(site.dims, N=n_used if n_used is not None else 1)
     n_known = n_used is not None
-    forward = _choose_stage("forward", FORWARDS, options.forward, site, dims, options, notes, n_known)
+    forward_legality = _legality(FORWARDS, site.facts)
+    backward_legality = _legality(BACKWARDS, site.facts) if site.backward is not None else {}
+    forward = _choose_stage("forward", forward_legality, options.forward, site, dims, options, notes, n_known)
     backward = None
-    if site.has_backward:
-        backward = _choose_stage("backward", BACKWARDS, options.backward, site, dims, options, notes, n_known)
+    if site.backward is not None:
+        backward = _choose_stage("backward", backward_legality, options.backward, site, dims, options, notes,
+                                 n_known)
     elif site.backward_note:
         notes.append(f"backward not rewritten: {site.backward_note}")
-    for stage, block in (("forward", site.merge_forward_block), ("backward", site.merge_backward_block)):
-        if block and (stage == "forward" or site.has_backward):
-            notes.append(f"merged {stage} variants illegal: {block}")
+    for stage, legality in (("forward", forward_legality), ("backward", backward_legality)):
+        for reason in dict.fromkeys(r for r in legality.values() if r is not None):
+            notes.append(f"merged {stage} variants illegal: {reason}")
     if isinstance(n, torch.SymInt) and n_known and options.dynamic_policy == "guard":
         if options.criterion == "flops":
-            _guard_interval(site, n, n_used, forward, FORWARDS, backward, BACKWARDS, notes)
+            _guard_interval(site, n, n_used, [(forward, forward_legality), (backward, backward_legality)], notes)
         else:
             notes.append(f"dynamic_policy='guard' applies to the flops criterion; {options.criterion} used the hint")
     return Plan(forward, backward, n_used, notes)
+
+
+def _legality(variants, facts: SiteFacts) -> dict[Variant, str | None]:
+    """Each variant, in list order, with why it is illegal at the site (None: legal)."""
+    return {v: v.illegal_reason(facts) for v in variants}
+
+
+def _legal(legality: dict[Variant, str | None]) -> list[Variant]:
+    return [v for v, reason in legality.items() if reason is None]
+
+
+def _choose_stage(stage: str, legality: dict[Variant, str | None], forced: str | None, site: Site, dims: Dims,
+                  options: RunLoraOptions, notes: list, n_known: bool) -> Choice:
+    legal = _legal(legality)
+    if forced is not None:
+        variant = BY_NAME[forced]
+        reason = legality[variant]
+        if reason is None:
+            return Choice(variant, forced=True, unit=CostUnit.FORCED)
+        notes.append(f"forced {forced} is illegal here ({reason}); chose by {options.criterion} instead")
+    if not n_known:
+        notes.append(f"N has no size hint: {stage} falls back to {legal[0].name}")
+        return Choice(legal[0], unit=CostUnit.FALLBACK)
+    device = site.forward.x.meta["val"].device
+    return choose(legal, dims, options.criterion, dtype=site.forward.dtype, device=device, stage=stage)
 
 
 def _linear_in_n(variant: Variant, dims: Dims) -> tuple[int, int]:
@@ -104,11 +133,11 @@ def stable_interval(dims: Dims, stages) -> tuple[int, int | None]:
     return lo, hi
 
 
-def _guard_interval(site: Site, n: Any, hint: int, forward: Choice, forwards, backward: Choice | None,
-                    backwards, notes: list) -> None:
-    """Guard that N stays where the chosen variants stay the cheapest (the interval contains `hint`)."""
-    stages = [(c.variant, _legal(variants, site)) for c, variants in ((forward, forwards), (backward, backwards))
-              if c is not None and not c.forced]
+def _guard_interval(site: Site, n: Any, hint: int, choices: list[tuple[Choice | None, dict]], notes: list) -> None:
+    """Guard that N stays where the chosen variants stay the cheapest (the interval contains `hint`).
+    `choices` holds each stage's choice (None: not rewritten) with its legality."""
+    stages = [(choice.variant, _legal(legality)) for choice, legality in choices
+              if choice is not None and not choice.forced]
     lo, hi = stable_interval(site.dims, stages)
     if lo > 1:
         compat.guard_bool(n >= lo)

@@ -6,29 +6,34 @@ ordinary aten nodes. A site is rewritten all or nothing: every new value is buil
 (shape and dtype equal to the value it replaces) before any use is redirected; on any failure the new
 nodes are erased and the graph is exactly as it was.
 
-What is replaced, per site (see passes/match.py for the names):
+What is replaced, per site (see passes/site.py for the names):
 
     out               ← the forward variant's Y
     dA, dB            ← the backward variant's gradients
-    dX (mode "total") ← the base's dY·W summand becomes the variant's whole dX, and the adapter's
+    dX (DxMode.TOTAL) ← the base's dY·W summand becomes the variant's whole dX, and the adapter's
                         summand leaves the sum (the sum's value is unchanged)
-    dX (mode "lora")  ← the adapter's dX_a = z1·A
+    dX (DxMode.LORA)  ← the adapter's dX_a = z1·A
+
+`rewrite_site` returns a `RewrittenSite`: what was emitted, with the products later passes reuse
+(`SiteProducts`: passes/fuse.py fuses siblings' X·Aᵀ and dA = Z1ᵀ·X through it).
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.fx import Graph, Node
 
 from lora_rewrite import compat
-from lora_rewrite.variants import BackwardOperands, ForwardOperands, Variant
-from lora_rewrite.passes.match import Site, VIEWS, dtype, is_call, same_shape, shape
+from lora_rewrite.variants import BackwardOperands, BackwardResult, DxMode, ForwardOperands, ForwardResult, Variant
+from lora_rewrite.passes.fx import (PERMUTE, RUNLORA_NODE, VIEWS, dtype, erase_unused, is_call, is_tangent,
+                                    made_by_runlora, prims, same_shape, shape)
+from lora_rewrite.passes.site import Site
 
 aten = torch.ops.aten
-prims = torch.ops.prims
 
 # Node metadata carried over from the node a new node stands in for.
 COPIED_META = ("stack_trace", "nn_module_stack", "fwd_nn_module_stack", "source_fn_stack",
@@ -36,7 +41,29 @@ COPIED_META = ("stack_trace", "nn_module_stack", "fwd_nn_module_stack", "source_
 
 
 class RewriteError(Exception):
-    pass
+    """A rewritten value did not check out; the graph was left as it was."""
+
+
+@dataclass(frozen=True)
+class SiteProducts:
+    """The products of a rewritten site that later passes reuse, as nodes of the graph."""
+
+    forward_xa: Node | None     # X·Aᵀ [N,r] of the forward variant (forward1)
+    backward_xa: Node | None    # Z2 = X·Aᵀ [N,r] the backward variant recomputes (backward1/5); the same
+                                # node as forward_xa when both exist (GraphOps emits a product once)
+    grad_a: Node | None         # dA = Z1ᵀ·X [r,i] (backward1/2/5); None where dA = (s·B)ᵀ·Zt
+    z1: Node | None             # that product's Z1 = dY·(s·B) [N,r]
+
+
+@dataclass(frozen=True)
+class RewrittenSite:
+    """What `rewrite_site` did to one site."""
+
+    site: Site
+    forward: Variant
+    backward: Variant | None
+    new_nodes: tuple[Node, ...]   # every node it added, in the order it added them
+    products: SiteProducts
 
 
 class GraphOps:
@@ -74,7 +101,7 @@ class GraphOps:
                 if k in template.meta:
                     node.meta[k] = template.meta[k]
         node.meta["val"] = self._fake_value(target, args, kwargs)
-        node.meta["runlora"] = True
+        node.meta[RUNLORA_NODE] = True
         self._memo[key] = node
         return node
 
@@ -97,7 +124,7 @@ class GraphOps:
         return self.call(aten.addmm.default, c, a, b)
 
     def t(self, a):
-        return self.call(aten.permute.default, a, [1, 0])
+        return self.call(PERMUTE, a, [1, 0])
 
     def scale(self, a, s):
         if isinstance(s, (int, float)) and s == 1:
@@ -122,9 +149,8 @@ class GraphOps:
         return self.call(prims.convert_element_type.default, a, to_dtype)
 
     def erase_created(self) -> None:
-        for node in reversed(self.created):
-            if not node.users:
-                self.graph.erase_node(node)
+        """Erase every node this GraphOps created (none of them may be in use outside it yet)."""
+        erase_unused(self.graph, self.created, erasable=self._created_set.__contains__)
         self.created.clear()
         self._created_set.clear()
         self._memo.clear()
@@ -155,40 +181,43 @@ def _check_same(new: Node, old: Node, what: str) -> None:
                            f"expected {dtype(old)}{list(shape(old) or ())}")
 
 
-def _build_forward(ops: GraphOps, site: Site, variant: Variant) -> Node:
-    n_arg, o = site.n_arg, site.dims.o
-    with ops.like(site.out):
+def _build_forward(ops: GraphOps, site: Site, variant: Variant) -> ForwardResult:
+    chain = site.forward
+    with ops.like(chain.out):
         if variant.merges_weight:
-            lin = site.linear
-            operands = ForwardOperands(x=site.x, a=site.a, b=site.b, s=site.scale, w_io=lin.w_io, bias=lin.bias)
+            lin = chain.linear
+            operands = ForwardOperands(x=chain.x, a=chain.a, b=chain.b, s=chain.scale, w_io=lin.w_io, bias=lin.bias)
         else:
-            base = site.base2d if site.base2d is not None else _matrix_2d(ops, site.base, n_arg, o)
-            if dtype(base) != site.dtype:
-                base = ops.cast(base, site.dtype)
-            operands = ForwardOperands(x=site.x, a=site.a, b=site.b, s=site.scale, base=base)
-        y = variant.compute(ops, operands)
-        if site.out_shape_args is not None:
-            y = ops.view(y, site.out_shape_args)
-    _check_same(y, site.out, "forward")
-    return y
+            base = chain.base2d if chain.base2d is not None else _matrix_2d(ops, chain.base, chain.n_arg, site.dims.o)
+            if dtype(base) != chain.dtype:
+                base = ops.cast(base, chain.dtype)
+            operands = ForwardOperands(x=chain.x, a=chain.a, b=chain.b, s=chain.scale, base=base)
+        result = variant.compute(ops, operands)
+        y = result.y
+        if chain.out_shape_args is not None:
+            y = ops.view(y, chain.out_shape_args)
+    _check_same(y, chain.out, "forward")
+    return ForwardResult(y, xa=result.xa)
 
 
-def _build_backward(ops: GraphOps, site: Site, variant: Variant) -> dict[Node, Node]:
-    """The replacements {old node: new node} for the site's gradients."""
-    n_arg, o = site.n_arg, site.dims.o
-    mode = site.dx_mode
+def _build_backward(ops: GraphOps, site: Site, variant: Variant) -> tuple[BackwardResult, dict[Node, Node]]:
+    """The backward variant's result, and the replacements {old node: new node} for the site's gradients."""
+    chain, grads, o = site.forward, site.backward, site.dims.o
+    mode = grads.dx_mode
     order = {n: k for k, n in enumerate(ops.graph.nodes)}
-    replaced = [n for n in (site.grad_a, site.grad_b, site.grad_x_lora, site.dx_sum and site.dx_sum.base_mm) if n]
+    replaced = [n for n in (grads.grad_a, grads.grad_b, grads.grad_x_lora, grads.dx_sum and grads.dx_sum.base_mm) if n]
     with ops.like(min(replaced, key=order.__getitem__)):
-        dy = _matrix_2d(ops, site.dy, n_arg if site.dy_shape_args2d is None else site.dy_shape_args2d[0], o)
-        w_io = site.linear.w_io if (mode == "total") else None
-        operands = BackwardOperands(dy=dy, x=site.x, a=site.a, b=site.b, s=site.scale, w_io=w_io, dx=mode)
-        grad_a, grad_b, grad_x = variant.compute(ops, operands)
-        replacements = {site.grad_a: grad_a, site.grad_b: grad_b}
-        if mode == "lora":
-            replacements[site.grad_x_lora] = grad_x
-        elif mode == "total":
-            dx_sum = site.dx_sum
+        n_arg = chain.n_arg if grads.dy_shape_args2d is None else grads.dy_shape_args2d[0]
+        dy = _matrix_2d(ops, grads.dy, n_arg, o)
+        w_io = chain.linear.w_io if mode is DxMode.TOTAL else None
+        operands = BackwardOperands(dy=dy, x=chain.x, a=chain.a, b=chain.b, s=chain.scale, w_io=w_io, dx=mode)
+        result = variant.compute(ops, operands)
+        replacements = {grads.grad_a: result.grad_a, grads.grad_b: result.grad_b}
+        grad_x = result.grad_x
+        if mode is DxMode.LORA:
+            replacements[grads.grad_x_lora] = grad_x
+        elif mode is DxMode.TOTAL:
+            dx_sum = grads.dx_sum
             if dx_sum.view_args is not None:
                 grad_x = ops.view(grad_x, dx_sum.view_args)
             if dx_sum.cast_to is not None:
@@ -196,18 +225,21 @@ def _build_backward(ops: GraphOps, site: Site, variant: Variant) -> dict[Node, N
             replacements[dx_sum.base_end] = grad_x
     for old, new in replacements.items():
         _check_same(new, old, "backward")
-    return replacements
+    return result, replacements
 
 
-def rewrite_site(graph: Graph, fake_mode, site: Site, forward: Variant, backward: Variant | None) -> list[Node]:
-    """Replace the site's forward (and, when `backward` is given, its gradients) in place; returns the
-    new nodes. Raises RewriteError, leaving the graph untouched, if any new value does not check out."""
+def rewrite_site(graph: Graph, fake_mode, site: Site, forward: Variant, backward: Variant | None) -> RewrittenSite:
+    """Replace the site's forward (and, when `backward` is given, its gradients) in place.
+
+    Raises RewriteError, leaving the graph untouched, if any new value does not check out."""
     ops = GraphOps(graph, fake_mode)
     try:
-        y = _build_forward(ops, site, forward)
-        replacements = {site.out: y}
+        forward_result = _build_forward(ops, site, forward)
+        replacements = {site.forward.out: forward_result.y}
+        backward_result = None
         if backward is not None:
-            replacements.update(_build_backward(ops, site, backward))
+            backward_result, backward_replacements = _build_backward(ops, site, backward)
+            replacements.update(backward_replacements)
     except Exception as e:
         ops.erase_created()
         if isinstance(e, RewriteError):
@@ -218,15 +250,28 @@ def rewrite_site(graph: Graph, fake_mode, site: Site, forward: Variant, backward
     keep_unsaved(site.anchor)
     for node in _upcasts_worth_recomputing(site):
         keep_unsaved(node)
-    if backward is not None and site.dx_mode == "total":
+    if backward is not None and site.backward.dx_mode is DxMode.TOTAL:
         # The adapter's summand leaves dX's sum: its add now passes the other summand through.
-        lora_add = site.dx_sum.lora_add
-        other = lora_add.args[1] if lora_add.args[0] is site.dx_sum.lora_end else lora_add.args[0]
+        dx_sum = site.backward.dx_sum
+        lora_add = dx_sum.lora_add
+        other = lora_add.args[1] if lora_add.args[0] is dx_sum.lora_end else lora_add.args[0]
         lora_add.replace_all_uses_with(other)
     for old, new in replacements.items():
         old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in new_nodes)
-    _erase_dead(graph, site)
-    return list(ops.created)
+    # The site's old nodes that lost their last user go, and so do their inputs that only they used;
+    # nodes runlora created (for this site or an earlier one) stay.
+    erase_unused(graph, site.nodes(), erasable=lambda node: not made_by_runlora(node))
+    return RewrittenSite(site, forward, backward, tuple(ops.created), _products(forward_result, backward_result))
+
+
+def _products(forward: ForwardResult, backward: BackwardResult | None) -> SiteProducts:
+    z1 = backward.z1 if backward is not None else None
+    return SiteProducts(
+        forward_xa=forward.xa,
+        backward_xa=backward.xa if backward is not None else None,
+        grad_a=backward.grad_a if z1 is not None else None,
+        z1=z1,
+    )
 
 
 def keep_unsaved(node: Node) -> None:
@@ -239,7 +284,8 @@ def _upcasts_worth_recomputing(site: Site) -> list[Node]:
     default fp32 adapters on a bf16 model), and parameters cast for the computation (autocast). Saving
     the narrower source and redoing the cast costs one elementwise pass and halves what is held."""
     found = []
-    roots = [site.x, site.a, site.b] + ([site.linear.w_io] if site.linear is not None else [])
+    fwd = site.forward
+    roots = [fwd.x, fwd.a, fwd.b] + ([fwd.linear.w_io] if fwd.linear is not None else [])
     for root in roots:
         node = root
         chain = []
@@ -250,25 +296,7 @@ def _upcasts_worth_recomputing(site: Site) -> list[Node]:
             continue
         source = node.args[0]
         widened = dtype(source) is not None and dtype(source).itemsize < dtype(node).itemsize
-        parameter = isinstance(source, Node) and source.op == "placeholder" and "tangents" not in str(source.target)
-        if widened or (parameter and root is not site.x):
+        parameter = isinstance(source, Node) and source.op == "placeholder" and not is_tangent(source)
+        if widened or (parameter and root is not fwd.x):
             found += chain + [node]
     return found
-
-
-def _erase_dead(graph: Graph, site: Site) -> None:
-    """Erase the site's old nodes that no longer have users, and their now-unused inputs."""
-    pending = site.nodes()
-    seen: set[Node] = set()
-    while pending:
-        node = pending.pop()
-        if node in seen or node.graph is not graph:
-            continue
-        if node.op in ("placeholder", "output") or node.users or node.meta.get("runlora"):
-            continue
-        if node.op == "call_function" and compat.mutates_inputs(node.target):
-            continue
-        seen.add(node)
-        inputs = list(node.all_input_nodes)
-        graph.erase_node(node)
-        pending.extend(i for i in inputs if i.op == "call_function")
