@@ -128,6 +128,45 @@ def activation_bytes_saved_for_backward(model, fn) -> int:
     return sum(storages.values())
 
 
+def joint_graph(forward, *primals: torch.Tensor) -> torch.fx.GraphModule:
+    """The graph Inductor's `joint_custom_post_pass` (the runlora pass) would get for `forward(*primals)`:
+    AOTAutograd's joint forward+backward graph with Inductor's decompositions, after Inductor's joint
+    passes. Without a primal that requires grad, the forward-only (inference) graph. Each node carries
+    its fake value; there is no module metadata (a plain function has no modules)."""
+    from functorch.compile import aot_function, default_partition, make_boxed_func
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.fx_passes.joint_graph import joint_graph_passes
+    from torch._inductor.virtualized import V
+
+    captured = []
+
+    def capture_joint(joint, joint_inputs, **kwargs):
+        captured.append(joint)
+        return default_partition(joint, joint_inputs, **kwargs)
+
+    def capture_inference(gm, example_inputs):
+        captured.append(gm)  # called for the joint's partitions too, after the joint: only the first counts
+        return make_boxed_func(gm.forward)
+
+    aot_function(forward, fw_compiler=capture_inference, bw_compiler=make_boxed_func, partition_fn=capture_joint,
+                 decompositions=select_decomp_table())(*primals)
+    gm = captured[0]
+    fake_mode = compat.detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
+    with V.set_fake_mode(fake_mode):
+        joint_graph_passes(gm)
+    return gm
+
+
+def run_joint(gm: torch.fx.GraphModule, primals, tangents) -> list[torch.Tensor]:
+    """Run a graph from `joint_graph` on real tensors: every output (the forward's, then the gradients)."""
+    def leaves(value):
+        if isinstance(value, (list, tuple)):
+            return [leaf for item in value for leaf in leaves(item)]
+        return [value] if value is not None else []
+
+    return leaves(gm([t.detach() for t in primals], list(tangents)))
+
+
 def runlora_counters() -> dict:
     return dict(torch._dynamo.utils.counters["runlora"])
 

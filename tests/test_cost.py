@@ -1,8 +1,13 @@
-"""The "flops" criterion (the paper's): which variants win where, by Table 1, ties to the lower number."""
+"""The criteria (lora_rewrite/cost.py). "flops" (the paper's): which variants win where, by Table 1, ties to
+the lower number. "roofline": each product bound by compute or by memory on the device's ceilings.
+"time": the measured fastest."""
 
 import pytest
+import torch
 
-from lora_rewrite.cost import choose
+from lora_rewrite import hardware, timing
+from lora_rewrite.cost import CostUnit, choose
+from lora_rewrite.hardware import Ceilings
 from lora_rewrite.variants import BACKWARDS, FORWARDS, Dims
 
 # (N, i, o, r, X needs grad) -> (forward, backward). Forward2 wins once N > i·o/(i+o); backward5 beats
@@ -58,3 +63,61 @@ def test_only_legal_candidates_are_considered():
     assert choose(legal, d, "flops").variant.name == "forward1"
     with pytest.raises(ValueError):
         choose([], d, "flops")
+
+
+# --- roofline -----------------------------------------------------------------------------------------
+
+def roofline_by_hand(variant, dims, c: Ceilings, element_size=4) -> float:
+    return sum(max(2 * g.m * g.k * g.n / c.flops_per_s,
+                   element_size * (g.m * g.k + g.k * g.n + (2 if g.accumulate else 1) * g.m * g.n) / c.bytes_per_s)
+               + c.launch_s for g in variant.gemms(dims))
+
+
+@pytest.fixture
+def ceilings(monkeypatch):
+    """Fixed ceilings instead of measured ones: 10 TFLOP/s, 100 GB/s, 5 µs a launch."""
+    fixed = Ceilings(flops_per_s=1e13, bytes_per_s=1e11, launch_s=5e-6)
+    monkeypatch.setattr(hardware, "ceilings_for", lambda device, dtype: fixed)
+    return fixed
+
+
+@pytest.mark.parametrize("variants", [FORWARDS, BACKWARDS], ids=["forward", "backward"])
+def test_roofline_costs_each_product_by_its_binding_ceiling(variants, ceilings):
+    d = Dims(4096, 1024, 4096, 16, True)
+    choice = choose(variants, d, "roofline", dtype=torch.float32, device=torch.device("cpu"))
+    assert choice.unit is CostUnit.MODEL_SECONDS
+    assert choice.costs == pytest.approx({v.name: roofline_by_hand(v, d, ceilings) for v in variants})
+    assert choice.variant.name == min(choice.costs, key=choice.costs.get)
+
+
+def test_roofline_sees_the_bytes_that_flops_cannot(monkeypatch):
+    """Where every product is bound by memory, the fewest bytes win, not the fewest FLOPs."""
+    monkeypatch.setattr(hardware, "ceilings_for", lambda device, dtype: Ceilings(1e18, 1e11, 0.0))
+    d = Dims(8192, 4096, 4096, 16, True)
+    assert choose(BACKWARDS, d, "flops").variant.name == "backward5"
+    assert choose(BACKWARDS, d, "roofline").variant.name == "backward4"
+    assert min(BACKWARDS, key=lambda v: v.bytes(d, 4)).name == "backward4"
+
+
+# --- time -----------------------------------------------------------------------------------------------
+
+def test_time_chooses_the_fastest_measurement(monkeypatch):
+    seconds = {"backward1": 3.0, "backward2": 2.0, "backward3": 1.0, "backward4": 1.0, "backward5": 4.0}
+    asked = []
+
+    def measured(variant, dims, *, dtype=None, device=None, stage=""):
+        asked.append((variant.name, dims, stage))
+        return seconds[variant.name]
+
+    monkeypatch.setattr(timing, "measured_seconds", measured)
+    d = Dims(64, 32, 48, 4, True)
+    choice = choose(BACKWARDS, d, "time", stage="backward")
+    assert choice.variant.name == "backward3"  # ties to the lower number
+    assert choice.unit is CostUnit.MEASURED_SECONDS and choice.costs == seconds
+    assert asked == [(v.name, d, "backward") for v in BACKWARDS]
+
+
+def test_time_measures_every_candidate_for_real():
+    d = Dims(32, 16, 24, 4, True)
+    choice = choose(BACKWARDS, d, "time", dtype=torch.float32, device=torch.device("cpu"), stage="backward")
+    assert set(choice.costs) == {v.name for v in BACKWARDS} and all(c > 0 for c in choice.costs.values())

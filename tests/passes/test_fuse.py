@@ -10,10 +10,14 @@ import contextlib
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from helpers import (activation_bytes_saved_for_backward, assert_close_to, count_compiled_flops,
-                     float64_reference, randomize_adapters, runlora, runlora_counters, step)
+                     float64_reference, joint_graph, randomize_adapters, run_joint, runlora, runlora_counters, step)
 from lora_rewrite import compat, debug
+from lora_rewrite.passes.fuse import ADAPTER_PRODUCT, ADAPTER_WEIGHT_GRAD, fuse_siblings
+from lora_rewrite.passes.match import match_graph, match_site
+from lora_rewrite.passes.rewrite import rewrite_site
 from lora_rewrite.variants import BACKWARDS, FORWARDS
 
 PAIRS = [(f, b) for f in FORWARDS for b in BACKWARDS]
@@ -71,6 +75,46 @@ def compiled_step(model, x, grad_out, **options):
     with count_compiled_flops() as flops, count_compiled_matmuls() as matmuls:
         result = step(runlora(model, **options), x, grad_out)
     return result, sum(matmuls.values()), dict(flops), runlora_counters()
+
+
+def siblings_function(x, wq, aq, bq, wk, ak, bk, wv, av, bv):
+    """Siblings's forward as a plain function: three LoRA linears of one input."""
+    def lora(w, a, b):
+        return F.linear(x, w) + F.linear(F.linear(x, a), b) * 2.0
+
+    return lora(wq, aq, bq) * torch.sigmoid(lora(wk, ak, bk)) + lora(wv, av, bv)
+
+
+@pytest.mark.parametrize("backward", BACKWARDS, ids=lambda v: v.name)
+def test_fuse_siblings_reads_the_products_each_rewrite_recorded(backward):
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, 5, I, generator=g).requires_grad_(True)]
+    for name in ("q", "k", "v"):
+        r = RANKS[name]
+        inputs += [torch.randn(O, I, generator=g), torch.randn(r, I, generator=g).requires_grad_(True),
+                   torch.randn(O, r, generator=g).requires_grad_(True)]
+    gm = joint_graph(siblings_function, *inputs)
+    run = lambda: run_joint(gm, inputs, [torch.ones(2, 5, O)])  # noqa: E731
+    before = run()
+    fake_mode = compat.detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
+    anchors, backward_region = match_graph(gm.graph)
+    rewritten = [rewrite_site(gm.graph, fake_mode, match_site(anchor, backward_region), FORWARDS[0], backward)
+                 for anchor in anchors]
+
+    fusions = fuse_siblings(gm.graph, fake_mode, rewritten)
+    compat.stable_topological_sort(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+
+    has_z1 = rewritten[0].products.z1 is not None  # backward1/2/5: dA = Z1ᵀ·X
+    assert [f.kind for f in fusions] == [ADAPTER_PRODUCT] + ([ADAPTER_WEIGHT_GRAD] if has_z1 else [])
+    assert fusions[0].ranks == [RANKS["q"], RANKS["k"], RANKS["v"]]  # the forward's order
+    alive = set(gm.graph.nodes)
+    for done in rewritten:  # each recorded product that was fused is replaced by a slice of the fused one
+        assert done.products.forward_xa not in alive
+        assert not has_z1 or done.products.grad_a not in alive
+    for want, got in zip(before, run()):
+        assert_close_to(want, got, rtol=1e-5)
 
 
 @pytest.mark.parametrize("forward,backward", PAIRS, ids=PAIR_IDS)

@@ -1,19 +1,27 @@
-"""The rewrite in the compiled graph: every forced variant pair, numerics against float64, FLOPs of the
+"""The rewrite (passes/rewrite.py).
+
+First `rewrite_site` itself on a joint graph: the same values, the products its record names, all or
+nothing. Then in the compiled graph: every forced variant pair, numerics against float64, FLOPs of the
 compiled forward and backward graphs against the formula, and X·Aᵀ no longer saved for backward.
 
-These compile through Inductor's decompositions, joint passes and min-cut partitioner, without code
-generation (`codegen=False`); tests/test_backend.py runs real Inductor code generation.
+The compiled tests go through Inductor's decompositions, joint passes and min-cut partitioner, without
+code generation (`codegen=False`); tests/test_backend.py runs real Inductor code generation.
 """
 
+import dataclasses
 import random
 import zlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import (activation_bytes_saved_for_backward, assert_close_to, count_compiled_flops,
-                     float64_reference, peft_linear, runlora, runlora_counters, step)
-from lora_rewrite.variants import BACKWARDS, FORWARDS, Dims
+                     float64_reference, joint_graph, peft_linear, run_joint, runlora, runlora_counters, step)
+from lora_rewrite import compat
+from lora_rewrite.passes.match import match_graph, match_site
+from lora_rewrite.passes.rewrite import RewriteError, rewrite_site
+from lora_rewrite.variants import BACKWARDS, FORWARD1, FORWARDS, Dims, ForwardResult
 
 PAIRS = [(f, b) for f in FORWARDS for b in BACKWARDS]
 PAIR_IDS = [f"{f.name}-{b.name}" for f, b in PAIRS]
@@ -25,6 +33,70 @@ LAYOUTS = {
     "3d-trainable-bias": ((2, 9), True, True, True),
     "3d-bias-noxgrad": ((4, 5), True, False, False),
 }
+
+
+def lora_linear(x, w, bias, a, b):
+    return F.linear(x, w, bias) + F.linear(F.linear(x, a), b) * 1.5
+
+
+def lora_linear_inputs(i=12, o=20, r=3):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(2, 5, i, generator=g).requires_grad_(True), torch.randn(o, i, generator=g),
+            torch.randn(o, generator=g), torch.randn(r, i, generator=g).requires_grad_(True),
+            torch.randn(o, r, generator=g).requires_grad_(True)]
+
+
+def matched(gm):
+    anchors, backward = match_graph(gm.graph)
+    (anchor,) = anchors
+    return match_site(anchor, backward)
+
+
+def fake_mode(gm):
+    return compat.detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
+
+
+@pytest.mark.parametrize("forward,backward", PAIRS, ids=PAIR_IDS)
+def test_rewrite_site_keeps_the_values_and_names_its_products(forward, backward):
+    inputs = lora_linear_inputs()
+    gm = joint_graph(lora_linear, *inputs)
+    tangent = torch.randn(2, 5, 20)
+    before = run_joint(gm, inputs, [tangent])
+
+    done = rewrite_site(gm.graph, fake_mode(gm), matched(gm), forward, backward)
+    compat.stable_topological_sort(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+
+    for want, got in zip(before, run_joint(gm, inputs, [tangent])):
+        assert_close_to(want, got, rtol=1e-5)
+    assert (done.forward, done.backward) == (forward, backward)
+    products = done.products
+    assert (products.forward_xa is not None) == (forward.name == "forward1")
+    assert (products.backward_xa is not None) == (backward.name in ("backward1", "backward5"))
+    assert (products.grad_a is not None) == (products.z1 is not None) == \
+        (backward.name in ("backward1", "backward2", "backward5"))
+    if products.forward_xa is not None and products.backward_xa is not None:
+        assert products.forward_xa is products.backward_xa  # one X·Aᵀ node, recomputed in the backward
+    alive = set(gm.graph.nodes)
+    named = [n for n in (products.forward_xa, products.backward_xa, products.grad_a, products.z1) if n is not None]
+    assert all(n in alive and n in done.new_nodes for n in named)
+    if products.grad_a is not None:
+        assert products.grad_a in gm.graph.output_node().all_input_nodes  # dA is the graph's output now
+
+
+def test_a_rewrite_that_does_not_check_out_leaves_the_graph_as_it_was():
+    inputs = lora_linear_inputs()
+    gm = joint_graph(lora_linear, *inputs)
+    code = gm.graph.python_code("self").src
+
+    def forward_in_float64(ops, p):  # the right product in the wrong dtype: fails the check before any use
+        return ForwardResult(ops.cast(FORWARD1.compute(ops, p).y, torch.float64))
+
+    wrong = dataclasses.replace(FORWARD1, compute=forward_in_float64)
+    with pytest.raises(RewriteError, match="forward: rewritten value is torch.float64"):
+        rewrite_site(gm.graph, fake_mode(gm), matched(gm), wrong, BACKWARDS[0])
+    assert gm.graph.python_code("self").src == code
 
 
 def shapes_for(seed: int):

@@ -1,0 +1,104 @@
+"""The pass's FX vocabulary (passes/fx.py): tangents and the backward region, transposes, values that
+are provably the same, scalars, and the dead-node eraser."""
+
+import torch
+from torch.fx import Graph
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from helpers import joint_graph
+from lora_rewrite.passes.fx import (RUNLORA_NODE, SAME_VALUE_DEPTH, backward_region, erase_unused, is_call,
+                                    is_tangent, made_by_runlora, same_value, split_scale, strip_layout,
+                                    transpose_source)
+
+aten = torch.ops.aten
+
+
+def traced(fn, *inputs) -> Graph:
+    """fn's ATen graph, with fake values on its nodes."""
+    return make_fx(fn, tracing_mode="fake")(*inputs).graph
+
+
+def calls(graph: Graph, target) -> list:
+    return [n for n in graph.nodes if is_call(n, target)]
+
+
+def linear(x, w):
+    return torch.nn.functional.linear(x, w)
+
+
+def test_tangents_and_the_backward_region_of_a_joint_graph():
+    gm = joint_graph(linear, torch.randn(3, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    assert [n.name for n in placeholders if is_tangent(n)] == ["tangents_1"]
+    region = backward_region(gm.graph)
+    (forward_mm,) = [n for n in gm.graph.nodes if is_call(n, aten.mm.default) and n not in region]
+    assert forward_mm.args[0].name == "primals_1" and not is_tangent(forward_mm)
+    assert {n.name for n in placeholders if n in region} == {"tangents_1"}
+    assert len([n for n in region if is_call(n, aten.mm.default)]) == 2   # dX and dW
+
+
+def test_an_inference_graph_has_no_backward_region():
+    gm = joint_graph(linear, torch.randn(3, 4), torch.randn(5, 4))
+    assert backward_region(gm.graph) == set()
+
+
+def test_transpose_source_sees_every_spelling_of_a_2d_transpose():
+    graph = traced(lambda x: (aten.permute(x, [1, 0]), aten.t(x), aten.transpose(x, 0, 1),
+                              aten.transpose(x, -1, -2), aten.permute(x, [0, 1])), torch.randn(3, 4))
+    x = next(iter(graph.nodes))
+    output = graph.output_node().args[0]
+    assert [transpose_source(n) is x for n in output] == [True, True, True, True, False]
+
+
+def test_same_value_through_pure_ops_up_to_its_depth():
+    graph = traced(lambda x: (aten.view(x, [-1, 4]), aten.view(x, [3, 4]), aten.view(x.neg(), [3, 4])),
+                   torch.randn(12))
+    view_inferred, view_spelled, view_of_other = graph.output_node().args[0]
+    assert same_value(view_inferred, view_spelled)      # the same view, spelled two ways
+    assert not same_value(view_spelled, view_of_other)
+
+    def clones(k):
+        def fn(x):
+            a = b = x
+            for _ in range(k):
+                a, b = aten.clone(a), aten.clone(b)
+            return a, b
+        return graph_outputs(traced(fn, torch.randn(3)))
+
+    assert same_value(*clones(SAME_VALUE_DEPTH))
+    assert not same_value(*clones(SAME_VALUE_DEPTH + 1))  # deeper than it looks: not provably the same
+
+
+def graph_outputs(graph: Graph):
+    return graph.output_node().args[0]
+
+
+def test_strip_layout_and_split_scale():
+    graph = traced(lambda x: (aten.view(aten.clone(x), [12]), aten.mul(x, 2.5), aten.mul(x, x)),
+                   torch.randn(3, 4))
+    x = next(iter(graph.nodes))
+    flat, scaled, squared = graph_outputs(graph)
+    assert strip_layout(flat) is x
+    assert split_scale(scaled) == (x, 2.5)
+    assert split_scale(squared) is None
+
+
+def test_erase_unused_takes_dead_inputs_along_but_only_what_it_may():
+    graph = Graph()
+    x = graph.placeholder("x")
+    relu = graph.call_function(aten.relu.default, (x,))
+    neg = graph.call_function(aten.neg.default, (relu,))
+    in_place = graph.call_function(aten.add_.Tensor, (x, 1))
+    graph.output(x)
+
+    erase_unused(graph, [neg], erasable=lambda node: node is not relu)
+    assert list(graph.nodes) == [x, relu, in_place, graph.output_node()]   # relu was not erasable
+    erase_unused(graph, [relu, in_place, x], erasable=lambda node: True)
+    assert list(graph.nodes) == [x, in_place, graph.output_node()]  # placeholders and in-place ops stay
+
+
+def test_the_runlora_tag():
+    node = Graph().placeholder("x")
+    assert not made_by_runlora(node)
+    node.meta[RUNLORA_NODE] = True
+    assert made_by_runlora(node)
