@@ -94,9 +94,20 @@ class RunLoraOptions:
 
     @classmethod
     def from_user(cls, options: Mapping[str, Any] | None) -> "RunLoraOptions":
-        """Validate a user's `options` dict; env variables fill `debug` and `dump_dir`."""
-        options = dict(options or {})
+        """Validate a user's `options` dict; env variables fill `debug` and `dump_dir`.
+
+        Anything but a mapping (or None) is the same ValueError as an unknown key. Through
+        `torch.compile` a falsy value (`options=False`, `{}`, `0`) never arrives here: torch drops it
+        before calling any backend, so it means the defaults, as it does for stock Inductor.
+        """
         own = {f.name for f in dataclasses.fields(cls)}
+        if options is None:
+            options = {}
+        if not isinstance(options, Mapping):
+            raise ValueError(
+                f"runlora options must be a dict of option names to values, got {options!r} "
+                f"({type(options).__name__}); {_valid_keys_text(own)}")
+        options = dict(options)
         kwargs: dict[str, Any] = {}
         inductor_patches: dict[str, Any] = {}
         unknown = []
@@ -114,9 +125,7 @@ class RunLoraOptions:
             else:
                 unknown.append(key)
         if unknown:
-            raise ValueError(
-                f"unknown runlora option(s) {sorted(unknown)!r}; valid runlora options are "
-                f"{sorted(own)!r} (plus any Inductor config key, as stock torch.compile accepts)")
+            raise ValueError(f"unknown runlora option(s) {sorted(unknown, key=repr)!r}; {_valid_keys_text(own)}")
         nested = kwargs.pop("inductor", {}) or {}
         if not isinstance(nested, Mapping):
             raise ValueError(f"runlora option 'inductor' must be a dict of Inductor config entries, got {nested!r}")
@@ -131,6 +140,11 @@ class RunLoraOptions:
         if os.environ.get(ENV_DUMP_DIR):
             kwargs.setdefault("dump_dir", os.environ[ENV_DUMP_DIR])
         return cls(inductor=inductor_patches, **kwargs)
+
+
+def _valid_keys_text(own: set[str]) -> str:
+    return (f"valid runlora options are {sorted(own)!r} (plus any Inductor config key, as stock "
+            f"torch.compile accepts)")
 
 
 def _check_choice(key: str, value: Any, valid) -> None:

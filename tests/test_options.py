@@ -28,9 +28,49 @@ def test_bad_options_name_the_valid_choices(options, message):
 def test_unknown_option_error_lists_every_valid_key():
     with pytest.raises(ValueError) as info:
         RunLoraOptions.from_user({"bogus": 1})
-    for key in ("criterion", "forward", "backward", "dynamic_policy", "fuse_siblings", "codegen", "rewrite",
-                "debug", "dump_dir", "inductor"):
+    for key in VALID_KEYS:
         assert repr(key) in str(info.value)
+
+
+VALID_KEYS = ("criterion", "forward", "backward", "dynamic_policy", "fuse_siblings", "codegen", "rewrite", "debug",
+              "dump_dir", "inductor")
+
+
+@pytest.mark.parametrize("options", [False, True, 3, "criterion", ["criterion"], ("criterion", "flops")])
+def test_options_that_are_not_a_dict_are_the_unknown_key_error(options):
+    with pytest.raises(ValueError) as info:
+        RunLoraOptions.from_user(options)
+    message = str(info.value)
+    assert message.startswith("runlora options must be a dict of option names to values, got")
+    assert all(repr(key) in message for key in VALID_KEYS)
+
+
+@pytest.mark.parametrize("options", [3, "criterion", True, ["criterion"]])
+def test_options_that_are_not_a_dict_fail_through_torch_compile(options):
+    compiled = torch.compile(peft_linear(8, 8, 2), backend="runlora", options=options)
+    with pytest.raises(Exception) as info:
+        compiled(torch.randn(3, 8))
+    assert "runlora options must be a dict of option names to values" in str(info.value)
+    assert "valid runlora options are" in str(info.value)
+    assert runlora_counters() == {}
+
+
+def test_falsy_options_never_reach_the_backend_through_torch_compile():
+    """torch.compile drops a falsy `options` (False, {}, 0) before calling any backend, stock Inductor
+    included, so the backend cannot tell it from no options; called directly it raises as above."""
+    from lora_rewrite import runlora
+
+    received = []
+
+    def probe(gm, example_inputs, **kwargs):
+        received.append(kwargs)
+        return gm.forward
+
+    torch.compile(torch.nn.Linear(2, 2), backend=probe, options=False)(torch.randn(1, 2))
+    assert received == [{}]
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="runlora options must be a dict"):
+        runlora(gm, [torch.randn(1, 2)], options=False)
 
 
 def test_a_bad_option_fails_the_compile_and_leaves_the_model_alone():
