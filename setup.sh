@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q "${TORCH_SPEC}"
-.venv/bin/python -m pip install -q -e ".[dev]"
-# An editable install leaves out lora_rewrite-startup.pth (Trainer's torch_compile_backend="runlora").
-.venv/bin/python -m _lora_rewrite_startup >/dev/null
+# Editable: the wheel of links setuptools builds also carries lora_rewrite-startup.pth (setup.py). Its
+# generic "Editable installation … folders with the same name" notice is silenced: passes/ is mapped.
+PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install -q -e ".[dev]"
 .venv/bin/python -c "import torch, peft, transformers; print(f'lora_rewrite env ready: torch {torch.__version__}, peft {peft.__version__}, transformers {transformers.__version__}')"

@@ -237,6 +237,14 @@ def trace_artifact(name: str, payload_fn: Callable[[], str], encoding: str = "st
 
 @contextlib.contextmanager
 def fresh_compile_caches() -> Iterator[None]:
-    """Inductor's and AOTAutograd's compile caches off for a block, so every compile runs our pass."""
-    with inductor_config().patch(force_disable_caches=True):
+    """Inductor's and AOTAutograd's compile caches off for a block, so every compile runs our pass.
+
+    `force_disable_caches` (torch.compiler.config's, aliased in Inductor's config 2.11-2.15) also
+    turns Dynamo's profile-guided dynamic shapes off, and Dynamo says so with a UserWarning
+    ("dynamo_pgo force disabled …") on every compile: that is what we asked for, so it is not shown.
+    """
+    import warnings
+
+    with inductor_config().patch(force_disable_caches=True), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="dynamo_pgo force disabled", category=UserWarning)
         yield

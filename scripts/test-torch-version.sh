@@ -9,7 +9,9 @@ version=${1:?usage: scripts/test-torch-version.sh <torch version>}
 venv=".venv-torch${version}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q "torch==${version}"
-"$venv/bin/python" -m pip install -q peft transformers accelerate pytest numpy networkx matplotlib tqdm
+# peft and transformers bounded as in pyproject.toml's dev extra
+"$venv/bin/python" -m pip install -q "peft>=0.21.2,<0.22" "transformers>=5.23,<5.25" accelerate pytest numpy \
+    networkx matplotlib tqdm
 "$venv/bin/python" -m pip install -q --no-deps -e .
 "$venv/bin/python" -m pytest -q tests/passes tests/test_variants.py tests/test_cost.py tests/test_options.py \
     tests/test_explain.py tests/test_backend.py tests/test_debug.py tests/test_dump.py

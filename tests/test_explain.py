@@ -112,3 +112,16 @@ def test_explain_compiles_afresh_every_time():
 def test_explain_passes_bad_options_errors_through():
     with pytest.raises(Exception, match="must be one of"):
         explain(peft_linear(8, 8, 2), torch.randn(2, 8), options={"criterion": "fastest"})
+
+
+def test_explain_warns_about_nothing_it_asked_for():
+    """explain() turns the compile caches off (and with them Dynamo's profile-guided dynamic shapes):
+    Dynamo's "dynamo_pgo force disabled" UserWarning is not shown for that, on any call."""
+    import warnings
+
+    model = peft_linear(16, 24, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            explain(model, torch.randn(2, 3, 16), options={"codegen": False})
+    assert [str(w.message) for w in caught if "dynamo_pgo" in str(w.message)] == []

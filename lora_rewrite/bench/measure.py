@@ -1,4 +1,4 @@
-"""Timing and memory, as /BENCHMARKING.md of the project asks: every implementation in one process,
+"""Timing and memory, as docs/BENCHMARKING.md asks: every implementation in one process,
 interleaved round-robin, medians with their min–max spread.
 
 - First step: each implementation runs once (compile included: that is its compile time), with
