@@ -184,7 +184,7 @@ def collect_reports() -> Iterator[list[GraphReport]]:
 _stderr_handler: logging.Handler | None = None
 
 
-def _ensure_visible() -> None:
+def ensure_visible() -> None:
     """With debug on, make INFO records of this logger reach stderr unless something already shows them."""
     global _stderr_handler
     if _stderr_handler is not None or log.handlers or (log.propagate and logging.getLogger().handlers):
@@ -199,6 +199,15 @@ def _ensure_visible() -> None:
 
 
 def publish(report: GraphReport, *, debug: bool) -> None:
+    """Count, hand to collectors, log. Never raises: debug output must not break a compile."""
+    try:
+        _publish(report, debug=debug)
+    except Exception as e:
+        log.warning("runlora debug output: publishing the report of graph %s failed (%s: %s); the compile "
+                    "goes on", report.compile_id, type(e).__name__, e)
+
+
+def _publish(report: GraphReport, *, debug: bool) -> None:
     from lora_rewrite.compat import dynamo_counters
 
     counters = dynamo_counters()["runlora"]
@@ -223,7 +232,7 @@ def publish(report: GraphReport, *, debug: bool) -> None:
     for k in report.skipped:
         log.debug("%s", k.line())
     if debug:
-        _ensure_visible()
+        ensure_visible()
         log.info("%s", report)
 
 

@@ -11,7 +11,7 @@ venv=".venv-torch${version}"
 "$venv/bin/python" -m pip install -q "torch==${version}"
 # peft and transformers bounded as in pyproject.toml's dev extra
 "$venv/bin/python" -m pip install -q "peft>=0.21.2,<0.22" "transformers>=5.23,<5.25" accelerate pytest numpy \
-    networkx matplotlib tqdm
+    matplotlib tqdm
 "$venv/bin/python" -m pip install -q --no-deps -e .
 "$venv/bin/python" -m pytest -q tests/passes tests/test_variants.py tests/test_cost.py tests/test_options.py \
     tests/test_explain.py tests/test_backend.py tests/test_debug.py tests/test_dump.py
