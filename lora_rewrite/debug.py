@@ -177,8 +177,8 @@ def collect_reports() -> Iterator[list[GraphReport]]:
     _collectors.append(reports)
     try:
         yield reports
-    finally:
-        _collectors.remove(reports)
+    finally:   # by identity: nested collectors holding equal lists must not remove each other
+        _collectors[:] = [c for c in _collectors if c is not reports]
 
 
 _stderr_handler: logging.Handler | None = None
@@ -231,6 +231,12 @@ def _publish(report: GraphReport, *, debug: bool) -> None:
         log.debug("%s", f.line())
     for k in report.skipped:
         log.debug("%s", k.line())
+    if not report.sites and not report.skipped:
+        log.info("runlora graph %s (%s): no PEFT LoRA layer found in this graph", report.compile_id or "?", report.kind)
+    elif not report.sites:
+        reasons = sorted({k.reason for k in report.skipped})
+        log.info("runlora graph %s (%s): %d PEFT LoRA chain(s) found, none rewritten (%s)", report.compile_id or "?",
+                 report.kind, len(report.skipped), "; ".join(reasons))
     if debug:
         ensure_visible()
         log.info("%s", report)

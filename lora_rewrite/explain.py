@@ -51,13 +51,29 @@ class ExplainReport:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
     def __str__(self) -> str:
-        parts = [str(g) for g in self.graphs] or ["runlora compiled no graph"]
+        """One table per graph with a LoRA site in it; graphs without one folded into one line."""
+        empty = [g for g in self.graphs if not (g.sites or g.skipped or g.fused)]
+        empty_ids = {id(g) for g in empty}
+        parts = [str(g) for g in self.graphs if id(g) not in empty_ids]
+        compile_ids = _id_list(empty)
+        if not self.graphs:
+            parts.append("runlora compiled no graph")
+        elif not parts and not self.untouched:
+            parts.append(f"no PEFT LoRA layer found in this model: runlora had nothing to rewrite "
+                         f"({len(empty)} graph(s) compiled: {compile_ids})")
+        elif empty:
+            parts.append(f"{len(empty)} more graph(s) without a PEFT LoRA site: {compile_ids}")
         for site in self.sites:
             parts.append(f"why {site.module}: " + _why(site))
         if self.untouched:
             parts.append("LoRA layers with no rewritten site:")
             parts += [f"  {u.module}: {u.reason}" for u in self.untouched]
         return "\n".join(parts)
+
+
+def _id_list(graphs: list, most: int = 12) -> str:
+    ids = [g.compile_id or "?" for g in graphs]
+    return ", ".join(ids[:most]) + (f", … ({len(ids) - most} more)" if len(ids) > most else "")
 
 
 def _why(site) -> str:
@@ -82,6 +98,16 @@ def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """PEFT LoRA layers (they hold lora_A and a base_layer), by qualified name."""
     return {name: m for name, m in model.named_modules()
             if hasattr(m, "lora_A") and hasattr(m, "base_layer") and isinstance(getattr(m, "lora_A"), torch.nn.ModuleDict)}
+
+
+def _name_in_model(relative: str, read: set, layers: dict) -> str:
+    """A module path relative to a compiled frame (a graph break can make a LoRA layer's own forward
+    the frame: its path is then ""), named in the model through the parameters that frame reads."""
+    in_frame = [name for name in layers if any(p.startswith(name + ".lora_A.") for p in read)]
+    candidates = [name for name in in_frame if not relative or name == relative or name.endswith("." + relative)]
+    if len(candidates) == 1:
+        return candidates[0]
+    return relative or "<the compiled frame's own module>"
 
 
 NOT_REACHED = "not reached by this call, or its products did not reach the graph in LoRA form"
@@ -115,17 +141,31 @@ def explain(model, *args, options: dict | None = None, **kwargs) -> ExplainRepor
     from lora_rewrite.backend import runlora
 
     names_by_key = {str(id(m)): name for name, m in model.named_modules()}
+    parameter_names = {id(p): name for name, p in model.named_parameters()}
+    frames: list[tuple[list, set]] = []   # per compiled frame: its reports, the model parameters it reads
+
+    def recording_runlora(gm, example_inputs, **backend_kwargs):
+        with debug.collect_reports() as frame_reports:
+            compiled_fn = runlora(gm, example_inputs, **backend_kwargs)
+        read = {parameter_names[id(t)] for t in example_inputs if id(t) in parameter_names}
+        frames.append((list(frame_reports), read))
+        return compiled_fn
+
     compat.reset_dynamo()
     try:
         with compat.fresh_compile_caches(), debug.collect_reports() as reports:
-            compiled = torch.compile(model, backend=runlora, options=dict(options or {}))
+            compiled = torch.compile(model, backend=recording_runlora, options=dict(options or {}))
             compiled(*args, **kwargs)
     finally:
         compat.reset_dynamo()
-    for report in reports:
-        for entry in list(report.sites) + list(report.skipped):
-            if entry.module_key in names_by_key:
-                entry.module = names_by_key[entry.module_key]
+    layers = _lora_layers(model)
+    for frame_reports, read in frames:
+        for report in frame_reports:
+            for entry in list(report.sites) + list(report.skipped):
+                if entry.module_key in names_by_key:
+                    entry.module = names_by_key[entry.module_key]
+                else:
+                    entry.module = _name_in_model(entry.module, read, layers)
     rewritten = {s.module for r in reports for s in r.sites}
     skipped = {s.module: s.reason for r in reports for s in r.skipped}
     untouched = [UntouchedLayer(name, _untouched_reason(layer, skipped.get(name)))

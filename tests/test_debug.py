@@ -48,3 +48,27 @@ def test_counters_count_found_rewritten_and_skipped_sites():
     step(torch.compile(model, backend="runlora", options={"codegen": False}), torch.randn(2, 3, 16, requires_grad=True))
     c = runlora_counters()
     assert c["sites_found"] == 1 and c["sites_rewritten"] == 0 and c["sites_skipped"] == 1
+
+
+def test_a_graph_without_lora_says_so_in_one_info_line(caplog):
+    import logging
+
+    from helpers import OneLinear
+
+    with caplog.at_level(logging.INFO, logger="lora_rewrite"):
+        step(torch.compile(OneLinear(16, 24), backend="runlora", options={"codegen": False}),
+             torch.randn(2, 3, 16, requires_grad=True))
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "lora_rewrite"]
+    assert said == [("INFO", "runlora graph 0/0 (joint): no PEFT LoRA layer found in this graph")]
+    assert runlora_counters()["graphs"] == 1 and runlora_counters()["sites_found"] == 0
+
+
+def test_a_graph_with_lora_left_untouched_says_why_in_one_info_line(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="lora_rewrite"):
+        step(torch.compile(peft_linear(16, 24, 4, lora_bias=True), backend="runlora", options={"codegen": False}),
+             torch.randn(2, 3, 16, requires_grad=True))
+    said = [r.getMessage() for r in caplog.records if r.name == "lora_rewrite" and r.levelname == "INFO"]
+    assert said == ["runlora graph 0/0 (joint): 1 PEFT LoRA chain(s) found, none rewritten (lora_B has a bias "
+                    "(lora_bias=True), which the rewrite does not cover)"]

@@ -2,6 +2,7 @@
 with their reasons; a plain-data form."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -55,6 +56,26 @@ def test_explain_lists_dora_layers_as_untouched_with_the_reason():
     assert report.sites == []
     assert len(report.untouched) == 14
     assert all(u.reason.startswith("DoRA") for u in report.untouched)
+    # DoRA breaks the graph inside PEFT's layers: the compiled frame is then the layer itself, and each
+    # row still names its module in the model.
+    lora_layers = {u.module for u in report.untouched}
+    assert report.skipped and all(k.module in lora_layers for k in report.skipped)
+    text = str(report)
+    assert re.findall(r"^  untouched (\S+):", text, re.MULTILINE) == [k.module for k in report.skipped]
+    # graphs without a LoRA site are one line, not one empty table each
+    assert "0 site(s) rewritten, 0 left untouched" not in text
+    empty = [g for g in report.graphs if not (g.sites or g.skipped or g.fused)]
+    assert len(empty) > 1 and text.count("without a PEFT LoRA site") == 1
+    assert f"{len(empty)} more graph(s) without a PEFT LoRA site: {empty[0].compile_id}, " in text
+
+
+def test_explain_on_a_model_without_lora_says_so():
+    from helpers import OneLinear
+
+    report = explain(OneLinear(16, 24), torch.randn(2, 3, 16), options={"codegen": False})
+    assert report.sites == [] and report.skipped == [] and report.untouched == []
+    assert str(report) == ("no PEFT LoRA layer found in this model: runlora had nothing to rewrite "
+                           "(1 graph(s) compiled: 0/0)")
 
 
 def test_explain_under_disable_adapter_says_the_adapters_are_disabled():
