@@ -233,11 +233,17 @@ def plot_losses(results: list[dict], path: Path, args) -> None:
 
 def runlora_summary(counters: dict | None) -> str:
     if not counters:
-        return "runlora: no graph was compiled (compile cache hit or nothing to do)"
+        return ("runlora: no graph was compiled (served from the compile cache with no stored report, or "
+                "nothing to do)")
     chosen = ", ".join(f"{k.removeprefix('chose_')} ×{v}" for k, v in sorted(counters.items()) if k.startswith("chose_"))
+    graphs, cached = counters.get("graphs", 0), counters.get("graphs_from_cache", 0)
+    served = ""
+    if cached:
+        served = (f"; {'all' if cached == graphs else cached} of these graphs served from the compile cache "
+                  f"(counted as rewritten when they were compiled)")
     return (f"runlora: rewrote {counters.get('sites_rewritten', 0)} of {counters.get('sites_found', 0)} LoRA "
-            f"sites in {counters.get('graphs', 0)} graph(s) (backward rewritten at "
-            f"{counters.get('backward_rewritten', 0)}); chose {chosen or 'nothing'}")
+            f"sites in {graphs} graph(s) (backward rewritten at {counters.get('backward_rewritten', 0)}); "
+            f"chose {chosen or 'nothing'}{served}")
 
 
 def main(argv=None) -> int:

@@ -223,6 +223,44 @@ def compile_id() -> str | None:
         return None
 
 
+# --- compile caches ---------------------------------------------------------------------------------
+
+def compile_cache_dir() -> str:
+    """Inductor's cache folder (TORCHINDUCTOR_CACHE_DIR, or its per-user default under the temp dir).
+    `torch._inductor.runtime.cache_dir_utils.cache_dir` exists 2.11-2.15 (and since 2.3); should it
+    move, the environment variable Inductor reads is the answer."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:
+        import os
+
+        return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(
+            __import__("tempfile").gettempdir(), "torchinductor_runlora")
+    return cache_dir()
+
+
+def compile_caches_disabled() -> bool:
+    """True when no compile cache can serve a graph (`force_disable_caches`, or TORCHINDUCTOR_FORCE_DISABLE_CACHES)."""
+    return bool(inductor_config().force_disable_caches)
+
+
+def autograd_cache_hits() -> int:
+    """AOTAutograd's count of cache hits in this process (the counter exists 2.11-2.15). A hit serves
+    the compiled forward and backward without tracing the joint graph: our pass does not run."""
+    return int(dynamo_counters()["aot_autograd"]["autograd_cache_hit"])
+
+
+def autocast_state() -> tuple:
+    """The ambient autocast settings, which change what AOTAutograd traces and so what the pass sees."""
+    state = []
+    for device in ("cpu", "cuda"):
+        try:
+            state.append((device, torch.is_autocast_enabled(device), str(torch.get_autocast_dtype(device))))
+        except (TypeError, RuntimeError):
+            state.append((device, None, None))
+    return tuple(state)
+
+
 # --- structured trace (tlparse) ---------------------------------------------------------------------
 
 def trace_artifact(name: str, payload_fn: Callable[[], str], encoding: str = "string") -> None:

@@ -5,12 +5,14 @@
   With `options={"debug": True}` (or RUNLORA_DEBUG=1) the whole report table is logged at INFO and a
   stderr handler is attached if nothing else shows the logger's records.
 - Counters in `torch._dynamo.utils.counters["runlora"]`: graphs, sites_found, sites_rewritten,
-  backward_rewritten, sites_skipped, chose_<variant> per chosen variant, sibling_groups_fused and
-  sibling_products_fused.
+  backward_rewritten, sites_skipped, chose_<variant> per chosen variant, sibling_groups_fused,
+  sibling_products_fused, and graphs_from_cache (graphs served from the compile cache, counted in
+  the others as they were when compiled).
 - `GraphReport` / `SiteReport` / `SkipReport`: what `lora_rewrite.explain` returns, printable as a
   table and convertible to plain dicts / JSON.
 
-Nothing here runs on a compile-cache hit: the pass itself does not run then (see the README).
+On a compile-cache hit the pass does not run: the backend publishes the report the pass stored when
+it compiled the graph, marked `served_from_cache` (lora_rewrite/report_cache.py).
 """
 
 from __future__ import annotations
@@ -131,12 +133,23 @@ class GraphReport:
     sites: list[SiteReport] = field(default_factory=list)
     skipped: list[SkipReport] = field(default_factory=list)
     fused: list[FusionReport] = field(default_factory=list)
+    served_from_cache: bool = False   # True: a compile-cache hit; the pass ran when the graph was compiled
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "GraphReport":
+        """The inverse of to_dict (the stored reports of lora_rewrite/report_cache.py)."""
+        return cls(compile_id=data["compile_id"], kind=data["kind"], criterion=data["criterion"],
+                   sites=[SiteReport(**s) for s in data["sites"]],
+                   skipped=[SkipReport(**k) for k in data["skipped"]],
+                   fused=[FusionReport(**f) for f in data["fused"]],
+                   served_from_cache=data.get("served_from_cache", False))
+
     def __str__(self) -> str:
-        head = (f"runlora graph {self.compile_id or '?'} ({self.kind}): {len(self.sites)} site(s) rewritten, "
+        kind = f"{self.kind}, served from the compile cache" if self.served_from_cache else self.kind
+        head = (f"runlora graph {self.compile_id or '?'} ({kind}): {len(self.sites)} site(s) rewritten, "
                 f"{len(self.skipped)} left untouched, criterion={self.criterion}")
         rows = [["module", "N", "i→o", "r", "s", "drop", "dtype", "fwd", "bwd", "FLOPs before→after",
                  "X·Aᵀ bytes unsaved"]]
@@ -198,13 +211,21 @@ def ensure_visible() -> None:
         log.setLevel(logging.INFO)
 
 
+@contextlib.contextmanager
+def never_raise(what: str) -> Iterator[None]:
+    """Debug output must not break training: log a failure inside the block, do not raise it."""
+    try:
+        yield
+    except Exception as e:
+        log.warning("runlora debug output: %s failed (%s: %s); the compile goes on without it",
+                    what, type(e).__name__, e)
+        log.debug("traceback of the failure above", exc_info=True)
+
+
 def publish(report: GraphReport, *, debug: bool) -> None:
     """Count, hand to collectors, log. Never raises: debug output must not break a compile."""
-    try:
+    with never_raise(f"publishing the report of graph {report.compile_id}"):
         _publish(report, debug=debug)
-    except Exception as e:
-        log.warning("runlora debug output: publishing the report of graph %s failed (%s: %s); the compile "
-                    "goes on", report.compile_id, type(e).__name__, e)
 
 
 def _publish(report: GraphReport, *, debug: bool) -> None:
@@ -212,6 +233,8 @@ def _publish(report: GraphReport, *, debug: bool) -> None:
 
     counters = dynamo_counters()["runlora"]
     counters["graphs"] += 1
+    if report.served_from_cache:
+        counters["graphs_from_cache"] += 1
     counters["sites_found"] += len(report.sites) + len(report.skipped)
     counters["sites_rewritten"] += len(report.sites)
     counters["sites_skipped"] += len(report.skipped)
@@ -225,18 +248,23 @@ def _publish(report: GraphReport, *, debug: bool) -> None:
         counters["sibling_products_fused"] += len(f.modules)
     for c in _collectors:
         c.append(report)
+    served = " [served from the compile cache]" if report.served_from_cache else ""
     for s in report.sites:
-        log.debug("rewrote %s", s.line())
+        log.debug("rewrote %s%s", s.line(), served)
     for f in report.fused:
-        log.debug("%s", f.line())
+        log.debug("%s%s", f.line(), served)
     for k in report.skipped:
-        log.debug("%s", k.line())
+        log.debug("%s%s", k.line(), served)
+    cid = report.compile_id or "?"
+    if report.served_from_cache:
+        log.info("runlora graph %s (%s) served from the compile cache: %d site(s) rewritten, %d left untouched "
+                 "when it was compiled", cid, report.kind, len(report.sites), len(report.skipped))
     if not report.sites and not report.skipped:
-        log.info("runlora graph %s (%s): no PEFT LoRA layer found in this graph", report.compile_id or "?", report.kind)
+        log.info("runlora graph %s (%s): no PEFT LoRA layer found in this graph", cid, report.kind)
     elif not report.sites:
         reasons = sorted({k.reason for k in report.skipped})
-        log.info("runlora graph %s (%s): %d PEFT LoRA chain(s) found, none rewritten (%s)", report.compile_id or "?",
-                 report.kind, len(report.skipped), "; ".join(reasons))
+        log.info("runlora graph %s (%s): %d PEFT LoRA chain(s) found, none rewritten (%s)", cid, report.kind,
+                 len(report.skipped), "; ".join(reasons))
     if debug:
         ensure_visible()
         log.info("%s", report)

@@ -20,12 +20,11 @@ the graphs and the report are still written.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import re
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -43,17 +42,6 @@ def graph_code(graph: torch.fx.Graph) -> str:
     if gm is not None:
         return gm.print_readable(print_output=False, include_stride=True, include_device=True)
     return str(graph)
-
-
-@contextlib.contextmanager
-def never_raise(what: str) -> Iterator[None]:
-    """Debug output must not break training: log a failure inside the block, do not raise it."""
-    try:
-        yield
-    except Exception as e:
-        debug.log.warning("runlora debug output: %s failed (%s: %s); the compile goes on without it",
-                          what, type(e).__name__, e)
-        debug.log.debug("traceback of the failure above", exc_info=True)
 
 
 def pictures_available() -> bool:
@@ -83,10 +71,10 @@ class GraphCapture:
         self.dump_dir = Path(dump_dir) if dump_dir else None
         self.folder: Path | None = None
         self.pictures: list[tuple[str, Any, Any]] = []
-        with never_raise("the structured-trace artifact runlora_joint_before"):
+        with debug.never_raise("the structured-trace artifact runlora_joint_before"):
             compat.trace_artifact("runlora_joint_before", lambda: graph_code(graph))
         if self.dump_dir is not None:
-            with never_raise(f"writing the dump to {self.dump_dir}"):
+            with debug.never_raise(f"writing the dump to {self.dump_dir}"):
                 cid = compat.compile_id() or "nocompileid"
                 with _lock:
                     folder = self.dump_dir / f"{next(_sequence):03d}_{_safe(cid)}"
@@ -104,7 +92,7 @@ class GraphCapture:
     def site_before(self, nodes: Iterable[torch.fx.Node]):
         if not self.wants_pictures:
             return None
-        with never_raise("reading a site for its picture"):
+        with debug.never_raise("reading a site for its picture"):
             from lora_rewrite import pictures
 
             return pictures.capture(nodes)
@@ -113,25 +101,25 @@ class GraphCapture:
     def site_after(self, module: str, before, new_nodes: Iterable[torch.fx.Node]) -> None:
         if before is None:
             return
-        with never_raise(f"reading {module} for its picture"):
+        with debug.never_raise(f"reading {module} for its picture"):
             from lora_rewrite import pictures
 
             self.pictures.append((module, before, pictures.capture(new_nodes, roles=before.roles)))
 
     def finish(self, report) -> None:
-        with never_raise("the structured-trace artifacts runlora_joint_after and runlora_report"):
+        with debug.never_raise("the structured-trace artifacts runlora_joint_after and runlora_report"):
             compat.trace_artifact("runlora_joint_after", lambda: graph_code(self.graph))
             compat.trace_artifact("runlora_report", lambda: debug.dump_json(report), encoding="json")
         if self.folder is None:
             return
-        with never_raise(f"writing joint_after.py and report.json to {self.folder}"):
+        with debug.never_raise(f"writing joint_after.py and report.json to {self.folder}"):
             (self.folder / "joint_after.py").write_text(graph_code(self.graph))
             (self.folder / "report.json").write_text(debug.dump_json(report))
         drawn = 0
         if self.pictures and pictures_available():
             sites = {s.module: s for s in report.sites}
             for k, (module, before, after) in enumerate(self.pictures):
-                with never_raise(f"drawing the pictures of {module}"):
+                with debug.never_raise(f"drawing the pictures of {module}"):
                     draw_site(self.folder / f"site{k}", module, sites.get(module), before, after, report.kind)
                     drawn += 1
         debug.log.info("runlora: graph %s dumped to %s (%d site picture pair(s))", report.compile_id or "?",
@@ -183,7 +171,7 @@ def dumping_inner_compile(dump_dir: str, inner: Callable | None) -> Callable:
             name = "inference.py"
         else:
             name = "forward.py"
-        with never_raise(f"writing {name} to the dump"):
+        with debug.never_raise(f"writing {name} to the dump"):
             cid = compat.compile_id()
             with _lock:
                 folder = _folders.get(cid) if cid else None

@@ -1,6 +1,8 @@
 """The backend as users meet it: the name "runlora" in a fresh interpreter, real Inductor code generation,
 compile caches, a user's own joint pass, torch.compile's `mode`."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -61,35 +63,75 @@ def test_real_inductor_code_generation_matches_eager(forward, backward):
 
 
 CACHE_SCRIPT = """
+import os
 from torch._dynamo.utils import counters
+from lora_rewrite.debug import collect_reports
 
 model = peft_model()
 x = torch.randn(4, 8, 16)
 ref = model(x)
-out = {}
-for label, options in [("first", {}), ("again", {}), ("forced", {"forward": "forward1"})]:
+out = {{}}
+for label, options in [("first", {{}}), ("again", {{}}), ("forced", {{"forward": "forward1"}})][:{runs}]:
     torch._dynamo.reset()
     counters.clear()
-    y = torch.compile(model, backend="runlora", options=options)(x)
+    with collect_reports() as reports:
+        y = torch.compile(model, backend="runlora", options=options)(x)
     y.sum().backward()  # AOTAutograd saves its cache entry once the backward is compiled too
-    out[label] = {"rewritten": counters["runlora"]["sites_rewritten"],
+    out[label] = {{"counters": dict(counters["runlora"]),
                   "autograd_cache_hit": counters["aot_autograd"]["autograd_cache_hit"],
-                  "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
-                  "close": bool(torch.allclose(y, ref, atol=1e-5))}
+                  "reports": [r.to_dict() for r in reports], "text": [str(r) for r in reports],
+                  "close": bool(torch.allclose(y, ref, atol=1e-5))}}
 print("RESULT", json.dumps(out))
 """
 
 
-def test_compile_caches_stay_on_and_never_serve_a_stale_rewrite(tmp_path):
-    out = result_line(run_fresh_python(CACHE_SCRIPT, env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path),
-                                                          "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "0"}))
-    assert out["first"]["rewritten"] == 1
-    # Same options: served from the cache, so the pass does not even run, and the result is right.
-    assert out["again"]["rewritten"] == 0 and out["again"]["close"]
-    assert out["again"]["fxgraph_cache_hit"] + out["again"]["autograd_cache_hit"] >= 1
+def run_cached(cache_dir, runs: int = 3):
+    proc = run_fresh_python(CACHE_SCRIPT.format(runs=runs), env={
+        "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "0",
+        "TORCH_LOGS": "+lora_rewrite"})
+    return result_line(proc), proc.stderr
+
+
+def without_serving(report: dict) -> dict:
+    """A report as it was compiled: the compile id and the served flag aside."""
+    return {**report, "compile_id": None, "served_from_cache": None,
+            "sites": [{**s, "module_key": None} for s in report["sites"]]}
+
+
+def test_compile_caches_stay_on_and_a_cache_hit_still_reports_what_it_serves(tmp_path):
+    """Two fresh processes on one compile-cache dir: the second compiles nothing (AOTAutograd serves
+    every graph) and still shows the same counters, report and log lines, marked served from the cache."""
+    first, first_log = run_cached(tmp_path)
+    assert first["first"]["counters"]["sites_rewritten"] == 1 and first["first"]["autograd_cache_hit"] == 0
+    # Same options in the same process: served from the cache, the pass does not run, the report does.
+    assert first["again"]["autograd_cache_hit"] == 1 and first["again"]["counters"]["graphs_from_cache"] == 1
     # Different options: a different key, so the pass runs again.
-    assert out["forced"]["rewritten"] == 1 and out["forced"]["close"]
-    assert all(v["close"] for v in out.values())
+    assert first["forced"]["autograd_cache_hit"] == 0 and first["forced"]["counters"]["chose_forward1"] == 1
+    assert "graphs_from_cache" not in first["forced"]["counters"]
+
+    second, second_log = run_cached(tmp_path)
+    for label in ("first", "again", "forced"):
+        assert second[label]["autograd_cache_hit"] == 1 and second[label]["close"]
+        served = dict(second[label]["counters"])
+        assert served.pop("graphs_from_cache") == 1
+        assert served == {k: v for k, v in first["first" if label != "forced" else "forced"]["counters"].items()
+                          if k != "graphs_from_cache"}
+        (report,) = second[label]["reports"]
+        assert report["served_from_cache"] is True and report["compile_id"] == "0/0"
+        assert without_serving(report) == without_serving(first[label if label != "again" else "first"]["reports"][0])
+    assert second["first"]["text"][0].startswith("runlora graph 0/0 (joint, served from the compile cache): "
+                                                 "1 site(s) rewritten, 0 left untouched")
+    rewrote = [l.split("] ", 1)[1] for l in first_log.splitlines() if "rewrote base_model.model.proj" in l]
+    served_lines = [l.split("] ", 1)[1] for l in second_log.splitlines() if "rewrote base_model.model.proj" in l]
+    assert served_lines == [f"{line} [served from the compile cache]" for line in rewrote[:1] * 2 + rewrote[2:]]
+    assert second_log.count("served from the compile cache: 1 site(s) rewritten, 0 left untouched when it was "
+                            "compiled") == 3
+
+    # A hit with no stored report (another lora_rewrite version stored none, or the folder was removed) says so.
+    shutil.rmtree(tmp_path / "runlora_reports")
+    third, third_log = run_cached(tmp_path, runs=1)
+    assert third["first"]["autograd_cache_hit"] == 1 and third["first"]["counters"] == {}
+    assert "[0/0] runlora graph 0/0 was served from the compile cache without a stored report" in third_log
 
 
 def test_a_users_own_joint_pass_is_chained_not_overwritten():
