@@ -62,11 +62,26 @@ def test_explain_lists_dora_layers_as_untouched_with_the_reason():
     assert report.skipped and all(k.module in lora_layers for k in report.skipped)
     text = str(report)
     assert re.findall(r"^  untouched (\S+):", text, re.MULTILINE) == [k.module for k in report.skipped]
-    # graphs without a LoRA site are one line, not one empty table each
+    # graphs without a LoRA site (how many depends on the torch release) are one line, not one table each
     assert "0 site(s) rewritten, 0 left untouched" not in text
     empty = [g for g in report.graphs if not (g.sites or g.skipped or g.fused)]
-    assert len(empty) > 1 and text.count("without a PEFT LoRA site") == 1
-    assert f"{len(empty)} more graph(s) without a PEFT LoRA site: {empty[0].compile_id}, " in text
+    assert text.count("without a PEFT LoRA site") == (1 if empty else 0)
+
+
+def test_explain_folds_graphs_without_a_site_into_one_line():
+    from lora_rewrite.debug import GraphReport, SkipReport
+    from lora_rewrite.explain import ExplainReport, UntouchedLayer
+
+    graphs = [GraphReport(f"{k}/0", "joint", "flops") for k in range(15)]
+    graphs[3].skipped.append(SkipReport("m.proj", "DoRA"))
+    text = str(ExplainReport(graphs, [UntouchedLayer("m.proj", "DoRA: …")]))
+    assert text.splitlines() == [
+        "runlora graph 3/0 (joint): 0 site(s) rewritten, 1 left untouched, criterion=flops",
+        "  untouched m.proj: DoRA",
+        "14 more graph(s) without a PEFT LoRA site: 0/0, 1/0, 2/0, 4/0, 5/0, 6/0, 7/0, 8/0, 9/0, 10/0, 11/0, 12/0, "
+        "… (2 more)",
+        "LoRA layers with no rewritten site:",
+        "  m.proj: DoRA: …"]
 
 
 def test_explain_on_a_model_without_lora_says_so():
