@@ -117,10 +117,13 @@ class GraphCapture:
             (self.folder / "report.json").write_text(debug.dump_json(report))
         drawn = 0
         if self.pictures and pictures_available():
-            sites = {s.module: s for s in report.sites}
+            sites: dict[str, list] = {}   # in report order; a layer with several active adapters has several
+            for s in report.sites:
+                sites.setdefault(s.module, []).append(s)
             for k, (module, before, after) in enumerate(self.pictures):
+                site = sites[module].pop(0) if sites.get(module) else None
                 with debug.never_raise(f"drawing the pictures of {module}"):
-                    draw_site(self.folder / f"site{k}", module, sites.get(module), before, after, report.kind)
+                    draw_site(self.folder / f"site{k}", module, site, before, after, report.kind)
                     drawn += 1
         debug.log.info("runlora: graph %s dumped to %s (%d site picture pair(s))", report.compile_id or "?",
                        self.folder, drawn)

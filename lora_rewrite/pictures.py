@@ -175,7 +175,7 @@ def render(e, top: bool = True) -> str:
 
 def _operand(e) -> str:
     text = render(e, False)
-    return f"({text})" if isinstance(e, (Prod, Scaled)) and not isinstance(e, Sum) else text
+    return f"({text})" if isinstance(e, (Prod, Scaled)) else text   # the bracketing is the point
 
 
 # --- reading a site off the graph ----------------------------------------------------------------------
