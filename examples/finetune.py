@@ -199,7 +199,7 @@ def make_run(backend: str, initial_model, args, device) -> Run:
 
 def train_step(run: Run, batch: torch.Tensor, device) -> None:
     """forward, backward, optimizer step: timed, the device synchronised on both sides."""
-    from lora_rewrite.bench.measure import synchronize
+    from lora_rewrite.hardware import synchronize
 
     synchronize(device)
     start = time.perf_counter()
@@ -408,19 +408,18 @@ def main(argv=None) -> int:
           f"{' per backend, interleaved' if args.compare else ''}; {device}, {torch.get_num_threads()} threads")
     start_loss = held_out_loss(initial_model, eval_windows, args.batch_size)
 
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    # room for every backend's compile of the same code objects, so none falls back to eager
-    limits = {key: max(64, getattr(torch._dynamo.config, key))
-              for key in ("recompile_limit", "cache_size_limit") if hasattr(torch._dynamo.config, key)}
+    from lora_rewrite import compat
     from lora_rewrite.debug import collect_reports
 
-    with torch._dynamo.config.patch(**limits), collect_reports() as reports:
+    compat.reset_dynamo()
+    compat.dynamo_counters().clear()
+    # room for every backend's compile of the same code objects, so none falls back to eager
+    with compat.dynamo_compile_limits_at_least(64), collect_reports() as reports:
         runs = [make_run(backend, initial_model, args, device) for backend in backends]
         train(runs, train_tokens, args, device)
         memory_batch = Batches(train_tokens, args.batch_size, args.seq_len, seed=args.seed + 2).next().to(device)
         memory = {run.backend: measure_memory(run, memory_batch, device) for run in runs}
-    counters = dict(torch._dynamo.utils.counters["runlora"])
+    counters = dict(compat.dynamo_counters()["runlora"])
     held_out = {run.backend: held_out_loss(run.model, eval_windows.to(device), args.batch_size) for run in runs}
     rows = report.build_rows(measurements(runs, memory), cuda=device.type == "cuda")
 
