@@ -18,6 +18,8 @@ prims = torch.ops.prims
 
 MM = aten.mm.default
 ADDMM = aten.addmm.default
+BMM = aten.bmm.default
+EXPAND = aten.expand.default
 ADD = aten.add.Tensor
 MUL = aten.mul.Tensor
 PERMUTE = aten.permute.default
@@ -167,10 +169,44 @@ def is_matrix(node: Any, source: Node) -> bool:
 
 
 def strip_layout(node: Any) -> Any:
-    """Through views, reshapes and clones: the node whose elements, in order, these hold."""
-    while is_call(node, *LAYOUT_OPS):
-        node = node.args[0]
-    return node
+    """Through views, reshapes, clones and expands that change nothing: the node whose elements, in
+    (row-major) order, these hold."""
+    while True:
+        if is_call(node, *LAYOUT_OPS):
+            node = node.args[0]
+        elif is_call(node, EXPAND) and same_shape(shape(node), shape(node.args[0])):
+            node = node.args[0]  # matmul's decomposition expands its operands to the shape they have
+        else:
+            return node
+
+
+def same_rows(a: Any, b: Any) -> bool:
+    """a and b hold the same rows in the same order, whatever their leading dims: X as [B,T,i] and as
+    the [B·T,i] copy or view of it that a matmul reads (row-major order is what views, reshapes and
+    clones keep)."""
+    sa, sb = shape(a), shape(b)
+    if sa is None or sb is None or not sa or not sb or not same_size(sa[-1], sb[-1]):
+        return False
+    return same_value(a, b) or same_value(strip_layout(a), strip_layout(b))
+
+
+def matmul_operands(node: Any) -> tuple[Node, Node] | None:
+    """(P, Q) when node computes the matrix product P·Q: an mm, or the broadcast product P[m,1]·Q[1,n]
+    Inductor's decomposition writes for an mm whose inner size is 1 (on CPU for small operands, on
+    GPU always; e.g. dA = Z1ᵀ·X and dB = gᵀ·(X·Aᵀ) when N = 1)."""
+    if is_call(node, MM):
+        return node.args[0], node.args[1]
+    if not is_call(node, MUL) or len(node.args) != 2 or node.kwargs:
+        return None
+    p, q = node.args
+    sp, sq = shape(p), shape(q)
+    if sp is None or sq is None or len(sp) != 2 or len(sq) != 2:
+        return None
+    if same_size(sp[1], 1) and same_size(sq[0], 1):
+        return p, q
+    if same_size(sq[1], 1) and same_size(sp[0], 1):
+        return q, p  # the product commutes; the [m,1] factor is the left one
+    return None
 
 
 def is_weight(node: Any) -> bool:

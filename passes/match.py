@@ -26,10 +26,10 @@ import torch
 from torch.fx import Graph, Node
 
 from lora_rewrite.variants import Dims, SiteFacts
-from lora_rewrite.passes.fx import (ADD, ADDMM, MM, MUL, VIEWS, ancestors, backward_region, dtype, is_call,
-                                    is_matrix, is_weight, made_by_runlora, prims, random_ops, same_scale,
-                                    same_shape, same_size, same_value, shape, single_user, split_scale,
-                                    strip_layout, transpose_source)
+from lora_rewrite.passes.fx import (ADD, ADDMM, BMM, EXPAND, MM, MUL, PERMUTE, VIEWS, ancestors, backward_region,
+                                    dtype, is_call, is_matrix, is_weight, made_by_runlora, matmul_operands, prims,
+                                    random_ops, same_rows, same_scale, same_shape, same_size, same_value, shape,
+                                    single_user, split_scale, strip_layout, transpose_source)
 from lora_rewrite.passes.provenance import provenance_of
 from lora_rewrite.passes.site import ForwardChain, Gradients, InputGradSum, LinearBase, NoMatch, Site
 
@@ -128,7 +128,7 @@ def _match_forward(anchor: Node, backward: set[Node]) -> ForwardChain:
         base2d = base
     elif is_call(base, *VIEWS) and shape(base.args[0]) is not None and len(shape(base.args[0])) == 2:
         base2d = base.args[0]
-    linear = _linear_base(base2d, i, o)
+    linear = _linear_base(base2d, i, o) if base2d is not None else _batched_linear_base(base, i, o)
     if linear is None and not made_by_runlora(strip_layout(base)):
         raise NoMatch("the base layer is not a plain linear of a weight parameter (a quantized or custom base "
                       "layer, or an adapter whose own site was left untouched)")
@@ -197,9 +197,9 @@ def _scaled_sum(xab: Node) -> tuple[Node, Node, Any, Any, list[Node]]:
     return nxt, term, scale, out_shape_args, chain
 
 
-def _linear_base(base2d: Node | None, i: int, o: int) -> LinearBase | None:
+def _linear_base(base2d: Node, i: int, o: int) -> LinearBase | None:
     """The base product as X_b·Wᵀ (+ bias) of a weight parameter, or None."""
-    if base2d is None or not is_call(base2d, MM, ADDMM):
+    if not is_call(base2d, MM, ADDMM):
         return None
     mm_args = base2d.args if is_call(base2d, MM) else base2d.args[1:]
     bias = None if is_call(base2d, MM) else base2d.args[0]
@@ -210,6 +210,41 @@ def _linear_base(base2d: Node | None, i: int, o: int) -> LinearBase | None:
     return None
 
 
+def _batched_linear_base(base: Node, i: int, o: int) -> LinearBase | None:
+    """The base as bmm(X_b, Wᵀ broadcast over X_b's batch) (+ bias), or None.
+
+    That is how matmul decomposes an nD input it cannot view as [N,i] (a transposed, strided or
+    expanded X: `x.transpose(0, 1)`, `x[:, ::2]`, `x.expand(…)`) when W needs no gradient: rather than
+    copy X to [N,i] it keeps X_b [B,T,i] and expands Wᵀ to [B,i,o] (for a 4-D X, expanded to 4-D and
+    viewed as 3-D; the result is viewed back to 4-D), so base[b,t] = X_b[b,t]·Wᵀ: X_b's rows as
+    [B·T,i] times Wᵀ. The adapter (A needs a gradient) copies X to [B·T,i] instead.
+    """
+    product, bias = base, None
+    if is_call(base, ADD) and not base.kwargs and len(base.args) == 2:
+        for p, q in (base.args, base.args[::-1]):
+            if is_call(_through_view(p), BMM) and isinstance(q, Node) and same_shape(shape(q), (o,)):
+                product, bias = p, q
+                break
+    product = _through_view(product)
+    if not is_call(product, BMM):
+        return None
+    xb, w_batched = product.args
+    w_expanded = _through_view(w_batched)
+    if not (is_call(w_expanded, EXPAND) and len(shape(w_batched) or ()) == 3
+            and same_shape(shape(w_batched)[1:], (i, o)) and same_shape(shape(w_expanded)[-2:], (i, o))):
+        return None  # not Wᵀ [i,o] repeated over the batch
+    w_io = w_expanded.args[0]
+    if (same_shape(shape(w_io), (i, o)) and len(shape(xb) or ()) == 3 and same_size(shape(xb)[-1], i)
+            and is_weight(w_io)):
+        return LinearBase(product, xb, w_io, bias)
+    return None
+
+
+def _through_view(node: Any) -> Any:
+    """The viewed node when node is a view (matmul views a 4-D X's batched product to 3-D and back)."""
+    return node.args[0] if is_call(node, *VIEWS) else node
+
+
 # --- the backward -----------------------------------------------------------------------------------------
 
 def _match_backward(anchor: Node, forward: ForwardChain, backward: set[Node]) -> Gradients:
@@ -217,9 +252,10 @@ def _match_backward(anchor: Node, forward: ForwardChain, backward: set[Node]) ->
     for u in anchor.users:
         if u not in backward:
             continue
-        if not (is_call(u, MM) and u.args[1] is anchor and transpose_source(u.args[0]) is not None):
+        product = matmul_operands(u)
+        if not (product is not None and product[1] is anchor and transpose_source(product[0]) is not None):
             raise NoMatch("X·Aᵀ is used in the backward by an op other than dB = gᵀ·(X·Aᵀ)")
-        grad_b, g = u, transpose_source(u.args[0])
+        grad_b, g = u, transpose_source(product[0])
     if grad_b is None:
         raise NoMatch("no gradient for the adapter weights in this graph")
     n, i, o, r = forward.sizes
@@ -250,11 +286,16 @@ def _match_backward(anchor: Node, forward: ForwardChain, backward: set[Node]) ->
     for u in z1.users:
         if transpose_source(u) is z1:
             users = list(u.users)
-            if len(users) == 1 and is_call(users[0], MM) and users[0].args[0] is u \
-                    and same_value(users[0].args[1], forward.x):
+            product = matmul_operands(users[0]) if len(users) == 1 else None
+            if product is not None and product[0] is u and same_value(product[1], forward.x):
                 grad_a = users[0]
                 continue
-        if is_call(u, MM) and u.args[0] is z1 and is_matrix(u.args[1], forward.a) and grad_x_lora is None:
+            dxa = _transposed_product(users[0], forward.a, u) if len(users) == 1 else None
+            if dxa is not None and grad_x_lora is None:
+                grad_x_lora = dxa
+                continue
+        product = matmul_operands(u)
+        if product is not None and product[0] is z1 and is_matrix(product[1], forward.a) and grad_x_lora is None:
             grad_x_lora = u
             continue
         raise NoMatch("g·B is used by an op other than dA and the adapter's dX")
@@ -266,6 +307,19 @@ def _match_backward(anchor: Node, forward: ForwardChain, backward: set[Node]) ->
     return Gradients(dy=dy, dy_shape_args2d=dy_shape_args2d, grad_a=grad_a, grad_b=grad_b,
                      grad_x_lora=grad_x_lora, dx_sum=dx_sum,
                      nodes=(g_source, g, grad_b, z1, grad_a) + ((grad_x_lora,) if grad_x_lora is not None else ()))
+
+
+def _transposed_product(product: Node, right: Node, left_t: Node) -> Node | None:
+    """(rightᵀ·left_t)ᵀ when `product` is mm(rightᵀ, left_t) and its one user transposes it back: how
+    autograd writes an input gradient for an input in transposed layout (dX_a = z1·A as (Aᵀ·z1ᵀ)ᵀ, so
+    the gradient comes out in the input's layout). Returns that transpose, the [N,i] value."""
+    if not (is_call(product, MM) and product.args[1] is left_t):
+        return None
+    inner = transpose_source(product.args[0])
+    back = single_user(product)
+    if inner is None or not is_matrix(inner, right) or back is None or transpose_source(back) is not product:
+        return None
+    return back
 
 
 def _add_root(node: Node) -> Node:
@@ -296,47 +350,84 @@ def _summand(product: Node) -> tuple[Node, Any, Any, Node | None]:
 def _find_input_grad_sum(dxa: Node, linear: LinearBase, dy: Node, o: int) -> InputGradSum | None:
     """Where dX_a (= z1·A) and the base's dY·W are summed, if they are: both products in the
     adapter's dtype, reaching the same sum through the same view and cast."""
-    lora_end, _, lora_cast, lora_add = _summand(dxa)
+    lora_end, lora_view_args, lora_cast, lora_add = _summand(dxa)
     if lora_add is None or not is_call(lora_add, ADD) or lora_add.kwargs:
         return None
-    for t in linear.w_io.users:
-        if transpose_source(t) is not linear.w_io:
+    for product, gb, value in _input_grad_products(linear.w_io):
+        batched = is_call(product, BMM)
+        rows_match = same_size(shape(gb)[-1], o) if batched else same_shape(shape(gb), shape(dxa)[:1] + (o,))
+        if not (dtype(value) == dtype(dxa) and rows_match and same_value(strip_layout(gb), strip_layout(dy))):
             continue
-        for base_mm in t.users:
-            if not (is_call(base_mm, MM) and base_mm.args[1] is t and dtype(base_mm) == dtype(dxa)):
-                continue
-            gb = base_mm.args[0]
-            if not (same_value(strip_layout(gb), strip_layout(dy))
-                    and same_shape(shape(gb), shape(dxa)[:1] + (o,))):
-                continue
-            base_end, view_args, base_cast, base_user = _summand(base_mm)
-            if base_user is None or base_cast != lora_cast or not same_shape(shape(base_end), shape(lora_end)):
-                continue
-            root = _add_root(lora_end)
-            if root is lora_end or _add_root(base_end) is not root:
-                continue
-            return InputGradSum(lora_end, lora_add, base_mm, base_end, view_args, base_cast)
+        base_end, view_args, base_cast, base_user = _summand(value)
+        if batched and view_args is None:
+            view_args = lora_view_args  # the bmm is in X's shape already: dX [N,i] is viewed to it as dX_a is
+        if base_user is None or base_cast != lora_cast or not same_shape(shape(base_end), shape(lora_end)):
+            continue
+        root = _add_root(lora_end)
+        if root is lora_end or _add_root(base_end) is not root:
+            continue
+        return InputGradSum(lora_end, lora_add, product, base_end, view_args, base_cast)
     return None
+
+
+def _input_grad_products(w_io: Node):
+    """The backward's products dY·W that read the base weight, each as (the product node, its dY
+    operand, the node that holds dY·W):
+
+    - mm(dY, (Wᵀ)ᵀ), the usual form;
+    - (Wᵀ·dYᵀ)ᵀ = mm(w_io, dYᵀ) transposed back, autograd's form for an input in transposed layout;
+    - bmm(dY, Wᵀ broadcast and transposed back to [B,o,i]), for a batched base (`_batched_linear_base`).
+    """
+    for user in list(w_io.users):
+        if transpose_source(user) is w_io:
+            for mm in user.users:
+                if is_call(mm, MM) and mm.args[1] is user:
+                    yield mm, mm.args[0], mm
+        elif is_call(user, MM) and user.args[0] is w_io and transpose_source(user.args[1]) is not None:
+            back = single_user(user)
+            if back is not None and transpose_source(back) is user:
+                yield user, transpose_source(user.args[1]), back
+        elif is_call(user, EXPAND):
+            for w_batched in [user] + [v for v in user.users if is_call(v, *VIEWS)]:
+                if len(shape(w_batched) or ()) != 3:
+                    continue
+                for w_t in w_batched.users:
+                    if is_call(w_t, PERMUTE) and list(w_t.args[1]) == [0, 2, 1]:
+                        yield from ((bmm, bmm.args[0], bmm) for bmm in w_t.users
+                                    if is_call(bmm, BMM) and bmm.args[1] is w_t)
 
 
 # --- facts for the guards ----------------------------------------------------------------------------
 
 def _facts(forward: ForwardChain, gradients: Gradients | None, needs_dx: bool) -> SiteFacts:
     linear = forward.linear
-    base_users: set[Node] = set()
-    if linear is not None:
-        base_users = set(forward.base.users) | (set(linear.node.users) if linear.node is not forward.base else set())
     return SiteFacts(
         plain_linear_base=linear is not None,
         adapter_dtype=forward.dtype,
         base_dtype=forward.base_dtype,
         weight_dtype=dtype(linear.w_io) if linear is not None else None,
         dropout=find_dropout(forward.x, forward.base),
-        adapter_reads_base_input=linear is not None and same_value(linear.x, forward.x),
-        base_used_elsewhere=not base_users <= {forward.out, forward.base},
+        adapter_reads_base_input=linear is not None and same_rows(linear.x, forward.x),
+        base_used_elsewhere=linear is not None and _base_used_elsewhere(linear.node, forward),
         needs_dx=needs_dx,
         dx_sum_found=gradients is not None and gradients.dx_sum is not None,
     )
+
+
+# Ops between the base product and the base term of the sum: a view, the bias add of a batched base.
+BASE_PATH_LENGTH = 3
+
+
+def _base_used_elsewhere(product: Node, forward: ForwardChain) -> bool:
+    """Does anything but the sum read the base product or a node on its way to the base term?"""
+    node = product
+    for _ in range(BASE_PATH_LENGTH):
+        if node is forward.base:
+            return set(node.users) != {forward.out}
+        node = single_user(node)
+        if node is None:
+            return True
+    return True
 
 
 # How far up from X `find_dropout` looks for PEFT's lora_dropout. After Inductor's decompositions the

@@ -30,10 +30,13 @@ class NoMatch(Exception):
 
 @dataclass(frozen=True)
 class LinearBase:
-    """base = X_b·w_io (+ bias): the base layer's product, with its weight as the [i,o] operand."""
+    """base = X_b·w_io (+ bias): the base layer's product, with its weight as the [i,o] operand.
 
-    node: Node          # the mm/addmm
-    x: Node             # X_b [N,i]
+    Batched: for an input matmul cannot view as [N,i] (transposed, strided, expanded), the product is
+    bmm(X_b [B,T,i], w_io broadcast to [B,i,o]) with the bias added after; X_b's rows are the N rows."""
+
+    node: Node          # the mm/addmm, or the bmm of a batched base
+    x: Node             # X_b [N,i], or [B,T,i] when batched
     w_io: Node          # Wᵀ [i,o] (nn.Linear: permute(W); transformers' Conv1D: its weight as stored)
     bias: Node | None
 

@@ -7,8 +7,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from helpers import joint_graph
 from lora_rewrite.passes.fx import (RUNLORA_NODE, SAME_VALUE_DEPTH, backward_region, erase_unused, is_call,
-                                    is_tangent, made_by_runlora, same_value, split_scale, strip_layout,
-                                    transpose_source)
+                                    is_tangent, made_by_runlora, matmul_operands, same_rows, same_value, split_scale,
+                                    strip_layout, transpose_source)
 
 aten = torch.ops.aten
 
@@ -81,6 +81,33 @@ def test_strip_layout_and_split_scale():
     assert strip_layout(flat) is x
     assert split_scale(scaled) == (x, 2.5)
     assert split_scale(squared) is None
+
+
+def test_strip_layout_passes_an_expand_only_where_it_changes_nothing():
+    graph = traced(lambda x: (aten.expand(x, [2, 3, 4]), aten.expand(x, [5, 2, 3, 4])), torch.randn(2, 3, 4))
+    x = next(iter(graph.nodes))
+    same, broadcast = graph_outputs(graph)
+    assert strip_layout(same) is x and strip_layout(broadcast) is broadcast
+
+
+def test_same_rows_whatever_the_leading_dims():
+    """X as [B,T,i] holds the rows of its [B·T,i] copy; its transpose, or a view with other rows, does not."""
+    graph = traced(lambda x: (aten.view(aten.clone(x), [6, 4]), aten.view(x, [3, 8]),
+                              aten.clone(aten.transpose(x, 0, 1))), torch.randn(2, 3, 4))
+    x = next(iter(graph.nodes))
+    rows, other_rows, transposed = graph_outputs(graph)
+    assert same_rows(x, rows) and same_rows(rows, x)
+    assert not same_rows(x, other_rows) and not same_rows(x, transposed)
+
+
+def test_matmul_operands_of_an_mm_and_of_the_broadcast_product_of_inner_size_1():
+    graph = traced(lambda p, q, m: (aten.mm(p, q), aten.mul(p, q), aten.mul(q, p), aten.mul(m, m)),
+                   torch.randn(5, 1), torch.randn(1, 3), torch.randn(5, 3))
+    p, q, _ = list(graph.nodes)[:3]
+    mm, outer, outer_swapped, elementwise = graph_outputs(graph)
+    assert matmul_operands(mm) == (p, q)
+    assert matmul_operands(outer) == (p, q) and matmul_operands(outer_swapped) == (p, q)
+    assert matmul_operands(elementwise) is None
 
 
 def test_erase_unused_takes_dead_inputs_along_but_only_what_it_may():

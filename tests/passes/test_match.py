@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers import (Autocast, OneLinear, assert_close_to, joint_graph, peft_linear, randomize_adapters, runlora,
-                     step)
+from helpers import (Autocast, OneLinear, assert_close_to, float64_reference, joint_graph, peft_linear,
+                     randomize_adapters, runlora, step)
 from lora_rewrite import debug
 from lora_rewrite.passes.match import match_graph, match_site
 from lora_rewrite.passes.provenance import UNKNOWN_MODULE
@@ -147,6 +147,51 @@ def test_an_adapter_on_another_input_than_the_base():
                                           "as the adapter's",
                              "backward5": "the base layer's input gradient dY·W was not found in the same sum "
                                           "as the adapter's"}
+
+
+# Inputs in a layout a matmul cannot view as [N,i] (with 16 features): (the shape before the view, the view).
+# nD: the base (W needs no gradient) stays batched, bmm(X, Wᵀ broadcast), while the adapter (A needs one)
+# reads a [N,i] copy or view of the same rows. 2-D: autograd computes dX in the input's transposed layout.
+NON_CONTIGUOUS_INPUTS = {
+    "transposed": ((4, 6, 16), lambda x: x.transpose(0, 1)),
+    "transposed-4d": ((2, 3, 4, 16), lambda x: x.transpose(1, 2)),
+    "transposed-2d": ((16, 6), lambda x: x.t()),
+    "strided": ((4, 6, 16), lambda x: x[:, ::2]),
+    "expanded": ((4, 6, 16), lambda x: x[:, :1].expand(-1, 5, -1)),
+}
+
+
+@pytest.mark.parametrize("shape,view", NON_CONTIGUOUS_INPUTS.values(), ids=NON_CONTIGUOUS_INPUTS.keys())
+def test_a_linear_on_a_non_contiguous_input_is_one_site(shape, view):
+    def on_view(x, w, b0, a, b):
+        return lora_linear(view(x), w, b0, a, b)
+
+    _, w, b0, a, b = primals()
+    site = the_site(on_view, torch.randn(shape, requires_grad=True), w, b0, a, b)
+    batched = len(shape) > 2
+    assert site.forward.linear is not None and site.forward.linear.bias is not None
+    assert (site.forward.linear.node.target is torch.ops.aten.bmm.default) == batched
+    assert site.facts.adapter_reads_base_input and not site.facts.base_used_elsewhere
+    assert site.backward is not None and site.backward.dx_mode is DxMode.TOTAL
+    assert illegal(site) == {}
+
+
+def test_a_batched_product_of_a_computed_weight_is_no_linear_base():
+    def computed_weight(x, w, b0, a, b):
+        x = x.transpose(0, 1)
+        return x @ (2 * w).t() + b0 + F.linear(F.linear(x, a), b) * 2.0
+
+    _, w, b0, a, b = primals()
+    assert "not a plain linear" in no_match_reason(computed_weight, torch.randn(4, 6, I, requires_grad=True),
+                                                   w, b0, a, b)
+
+
+def test_a_single_token_backward_is_matched_through_broadcast_products():
+    """N = 1: Inductor writes dB = gᵀ·(X·Aᵀ) and dA = Z1ᵀ·X, products over N, as P[m,1]·Q[1,n] broadcasts."""
+    site = the_site(lora_linear, *primals(lead=(1, 1)))
+    assert site.dims.N == 1 and site.backward is not None and site.backward_note == ""
+    assert {site.backward.grad_a.target, site.backward.grad_b.target} == {torch.ops.aten.mul.Tensor}
+    assert site.backward.dx_mode is DxMode.TOTAL
 
 
 def test_lora_b_with_a_bias_is_no_match():
@@ -285,6 +330,60 @@ def test_symbolic_token_count_and_tensor_scale():
     assert not isinstance(site.N, int) and site.N_used == 21
     assert str(site.scale).startswith("tensor")  # dynamic=True makes the float scale a graph input
     assert (site.forward, site.backward) == ("forward2", "backward5")
+
+
+class ViewedInput(nn.Module):
+    """The PEFT model called on a view of the compiled module's input."""
+
+    def __init__(self, inner, view):
+        super().__init__()
+        self.inner, self.view = inner, view
+
+    def forward(self, x):
+        return self.inner(self.view(x))
+
+
+def compare_with_float64(model, x, **options):
+    """runlora's output and gradients against float64 eager (to float32 round-off); the reports."""
+    y_like = model(x)
+    grad_out = torch.randn(y_like.shape)
+    y64, dx64, g64 = float64_reference(model, x, grad_out)
+    with debug.collect_reports() as reports:
+        y, dx, g = step(runlora(model, **options), x, grad_out)
+    assert_close_to(y64, y, rtol=2e-6, what="Y")
+    assert_close_to(dx64, dx, rtol=2e-6, what="dX")
+    assert g.keys() == g64.keys()
+    for name in g64:
+        assert_close_to(g64[name], g[name], rtol=2e-6, what=name)
+    return reports
+
+
+@pytest.mark.parametrize("forward,backward", [("forward1", "backward1"), ("forward2", "backward5")])
+@pytest.mark.parametrize("shape,view", NON_CONTIGUOUS_INPUTS.values(), ids=NON_CONTIGUOUS_INPUTS.keys())
+def test_a_non_contiguous_input_is_rewritten(shape, view, forward, backward):
+    model = ViewedInput(peft_linear(16, 24, 4), view)
+    reports = compare_with_float64(model, torch.randn(shape, requires_grad=True), forward=forward,
+                                   backward=backward)
+    (site,) = sites(reports)
+    assert skipped(reports) == [] and (site.forward, site.backward) == (forward, backward)
+    assert site.dx_mode == "total"
+
+
+def test_a_transposed_tensor_passed_in_is_rewritten():
+    model = peft_linear(16, 24, 4)
+    x = torch.randn(6, 4, 16).transpose(0, 1).requires_grad_(True)
+    reports = compare_with_float64(model, x, forward="forward2", backward="backward5")
+    (site,) = sites(reports)
+    assert (site.forward, site.backward, site.dx_mode) == ("forward2", "backward5", "total")
+
+
+@pytest.mark.parametrize("forward,backward", [("forward1", "backward1"), ("forward2", "backward5")])
+@pytest.mark.parametrize("lead", [(1,), (1, 1)], ids=["2d", "3d"])
+def test_a_single_token_gets_the_backward_rewrite(lead, forward, backward):
+    reports = compare_with_float64(peft_linear(16, 24, 4), torch.randn(*lead, 16, requires_grad=True),
+                                   forward=forward, backward=backward)
+    (site,) = sites(reports)
+    assert site.N == 1 and (site.forward, site.backward) == (forward, backward) and site.notes == []
 
 
 def test_inference_graph_gets_the_forward_rewrite():
