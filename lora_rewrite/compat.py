@@ -124,11 +124,17 @@ def size_hint(value: Any) -> int | None:
     """A concrete value for a possibly symbolic int, adding no guard; None when none is known.
 
     2.13+ have `optimization_hint`; 2.11 has `ShapeEnv.size_hint` (its module-level `size_hint`
-    helper was removed in 2.13). Unbacked symbols have no hint.
+    helper was removed in 2.13). An expression with an unbacked symbol (a data-dependent size, e.g. the
+    rows `x[mask]` selects) has no hint: `optimization_hint` would answer with a made-up fallback
+    value, and evaluating a condition on it raises GuardOnDataDependentSymNode.
     """
     if isinstance(value, int):
         return value
     if not isinstance(value, torch.SymInt):
+        return None
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    if free_unbacked_symbols(value):
         return None
     node = value.node
     hint = getattr(node, "_hint", None)

@@ -8,7 +8,8 @@ The token count N is a number when shapes are static. When it is symbolic (dynam
 - "guard": the same choice, plus guards that N stays inside the interval where it remains the
   cheapest (flops criterion only; other criteria fall back to "hint"). A length outside the interval
   recompiles and chooses again: at most one extra compile per distinct regime.
-- no hint at all (unbacked sizes): the unmerged variants forward1 / backward1.
+- no hint at all (an unbacked, data-dependent N, e.g. the rows `x[mask]` selects), under either policy:
+  the unmerged variants forward1 / backward1, and no guard.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+import torch.nn as nn
 
-from helpers import peft_linear, runlora_counters, step
+from helpers import assert_close_to, float64_reference, peft_linear, runlora_counters, step
 from lora_rewrite import debug
 from lora_rewrite.cost import choose
 from lora_rewrite.passes.plan import stable_interval
@@ -58,3 +59,37 @@ def test_guard_policy_recompiles_once_per_regime_and_chooses_again():
     assert chosen == [(2, "forward1", "backward1"), (9, "forward2", "backward5"), (40, "forward2", "backward4")]
     assert [n for r in reports for n in r.sites[0].notes if "guarded" in n] == [
         "guarded 1 <= N <= 3 (size hint 2)", "guarded 7 <= N <= 11 (size hint 9)", "guarded 12 <= N <= ∞ (size hint 40)"]
+
+
+# --- sizes without a hint --------------------------------------------------------------------------
+
+class MaskedRows(nn.Module):
+    """The adapter sees only the rows a mask selects: N is data-dependent (an unbacked size)."""
+
+    def __init__(self, inner, mask):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return self.inner(x[self.mask])
+
+
+@pytest.mark.parametrize("policy", ["hint", "guard"])
+def test_a_data_dependent_token_count_gets_the_unmerged_variants_and_no_guard(policy):
+    mask = torch.arange(40) % 3 != 0
+    model = MaskedRows(peft_linear(16, 24, 4), mask)
+    x, grad_out = torch.randn(40, 16, requires_grad=True), torch.randn(int(mask.sum()), 24)
+    y64, dx64, g64 = float64_reference(model, x, grad_out)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), debug.collect_reports() as reports:
+        compiled = torch.compile(model, backend="runlora", options={"codegen": False, "dynamic_policy": policy})
+        y, dx, g = step(compiled, x, grad_out)
+    assert_close_to(y64, y, rtol=2e-6, what="Y")
+    assert_close_to(dx64, dx, rtol=2e-6, what="dX")
+    for name in g64:
+        assert_close_to(g64[name], g[name], rtol=2e-6, what=name)
+    (report,) = reports
+    (site,) = report.sites
+    assert site.N_used is None and (site.forward, site.backward) == ("forward1", "backward1")
+    assert "N has no size hint: forward falls back to forward1" in site.notes
+    assert not any("guard" in n for n in site.notes)
