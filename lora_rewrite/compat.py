@@ -200,6 +200,26 @@ def dynamo_compile_limits_at_least(limit: int) -> Iterator[None]:
         yield
 
 
+def dynamo_recompile_limit() -> int:
+    """How many compiles Dynamo keeps per code object before it runs the frame eagerly for good."""
+    config = torch._dynamo.config
+    key = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return int(getattr(config, key))
+
+
+def frame_compile_number() -> int | None:
+    """How many compiles of the frame being compiled came before this one (the N of `[frame/N]` in
+    TORCH_LOGS); None outside a Dynamo frame compile. `CompileId.frame_compile_id`, 2.11-2.15."""
+    try:
+        from torch._guards import CompileContext
+
+        cid = CompileContext.current_compile_id()
+    except Exception:
+        return None
+    number = getattr(cid, "frame_compile_id", None) if cid is not None else None
+    return number if isinstance(number, int) else None
+
+
 def dynamo_counters():
     from torch._dynamo.utils import counters
 

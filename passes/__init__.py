@@ -19,7 +19,7 @@ from lora_rewrite.dump import GraphCapture
 from lora_rewrite.options import RunLoraOptions
 from lora_rewrite.passes.fuse import fuse_siblings
 from lora_rewrite.passes.match import match_graph, match_site
-from lora_rewrite.passes.plan import plan_site
+from lora_rewrite.passes.plan import guard_token_counts, plan_site
 from lora_rewrite.passes.provenance import provenance_of
 from lora_rewrite.passes.rewrite import RewriteError, rewrite_site
 from lora_rewrite.passes.site import NoMatch
@@ -41,7 +41,7 @@ def rewrite_graph(graph: Graph, options: RunLoraOptions) -> debug.GraphReport:
     report = debug.GraphReport(compat.compile_id(), "joint" if backward else "inference", options.criterion)
     capture = GraphCapture(graph, options.dump_dir)
     fake_mode = _fake_mode(graph) if anchors else None
-    rewritten = []
+    rewritten, planned = [], []
     for anchor in anchors:
         try:
             site = match_site(anchor, backward)
@@ -62,6 +62,10 @@ def rewrite_graph(graph: Graph, options: RunLoraOptions) -> debug.GraphReport:
         capture.site_after(site.module_path, before, done.new_nodes)
         report.sites.append(debug.site_report(site, plan, options.criterion))
         rewritten.append(done)
+        planned.append((site, plan))
+    for site_row, note in zip(report.sites, guard_token_counts(planned, options)):
+        if note:
+            site_row.notes.append(note)
     if options.fuse_siblings and len(rewritten) > 1:
         for fusion in fuse_siblings(graph, fake_mode, rewritten):
             report.fused.append(debug.FusionReport(fusion.kind.name, [s.module_path for s in fusion.sites],

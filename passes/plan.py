@@ -5,9 +5,20 @@ The token count N is a number when shapes are static. When it is symbolic (dynam
 
 - "hint" (default): the size hint — N of the example that triggered this compile. No guard is added,
   so no recompile is caused; every variant is correct for every N, only the optimum may move.
-- "guard": the same choice, plus guards that N stays inside the interval where it remains the
-  cheapest (flops criterion only; other criteria fall back to "hint"). A length outside the interval
-  recompiles and chooses again: at most one extra compile per distinct regime.
+- "guard": the same choice, plus a guard that N stays inside the regime where every site's choice
+  remains the cheapest (flops criterion only; other criteria fall back to "hint"). A length outside
+  it recompiles and chooses again. Sites of distinct shapes cut N into many regimes, some a token
+  or two wide, so the guard is bounded (`guard_token_counts`, once per graph, on the intersection of
+  its sites' regimes):
+    * only a wide regime is guarded: one that reaches at least twice its lowest N
+      (WIDE_REGIME_FACTOR), or has no upper end;
+    * only a frame's first GUARDED_COMPILES (2) compiles carry guards; a later compile chooses at
+      its hint and guards nothing, so it serves every length;
+    * never the last compile Dynamo's recompile_limit allows, which must serve every length;
+  and a warning is logged where a wide regime goes unguarded for the last two reasons. The bound: for
+  each compiled frame, at most GUARDED_COMPILES compiles more than stock Inductor makes (each extra
+  compile is one a guarded compile's guard caused), so Dynamo's recompile_limit is never reached on
+  runlora's account.
 - no hint at all (an unbacked, data-dependent N, e.g. the rows `x[mask]` selects), under either policy:
   the unmerged variants forward1 / backward1, and no guard.
 """
@@ -21,6 +32,7 @@ import torch
 
 from lora_rewrite import compat
 from lora_rewrite.cost import Choice, CostUnit, choose
+from lora_rewrite.debug import log
 from lora_rewrite.options import RunLoraOptions
 from lora_rewrite.variants import BACKWARDS, BY_NAME, FORWARDS, Dims, SiteFacts, Variant
 from lora_rewrite.passes.site import Site
@@ -36,12 +48,15 @@ class Plan:
         n_used: the token count the costs were computed for (the size hint when N is symbolic; None
             when N has none).
         notes: what the report says besides the choice: illegal variants and why, fallbacks, guards.
+        regime: dynamic_policy "guard" with a symbolic N: [lo, hi], the N for which this site's choices
+            stay the cheapest (hi None: unbounded); `guard_token_counts` guards it, or not.
     """
 
     forward: Choice
     backward: Choice | None
     n_used: int | None
     notes: list = field(default_factory=list)
+    regime: tuple[int, int | None] | None = None
 
 
 def plan_site(site: Site, options: RunLoraOptions) -> Plan:
@@ -74,12 +89,16 @@ def plan_site(site: Site, options: RunLoraOptions) -> Plan:
     for stage, legality in (("forward", forward_legality), ("backward", backward_legality)):
         for reason in dict.fromkeys(r for r in legality.values() if r is not None):
             notes.append(f"merged {stage} variants illegal: {reason}")
+    regime = None
     if isinstance(n, torch.SymInt) and n_known and options.dynamic_policy == "guard":
         if options.criterion == "flops":
-            _guard_interval(site, n, n_used, [(forward, forward_legality), (backward, backward_legality)], notes)
+            stages = [(choice.variant, _legal(legality)) for choice, legality in
+                      ((forward, forward_legality), (backward, backward_legality))
+                      if choice is not None and not choice.forced]
+            regime = stable_interval(site.dims, stages)
         else:
             notes.append(f"dynamic_policy='guard' applies to the flops criterion; {options.criterion} used the hint")
-    return Plan(forward, backward, n_used, notes)
+    return Plan(forward, backward, n_used, notes, regime)
 
 
 def _legality(variants, facts: SiteFacts) -> dict[Variant, str | None]:
@@ -134,14 +153,75 @@ def stable_interval(dims: Dims, stages) -> tuple[int, int | None]:
     return lo, hi
 
 
-def _guard_interval(site: Site, n: Any, hint: int, choices: list[tuple[Choice | None, dict]], notes: list) -> None:
-    """Guard that N stays where the chosen variants stay the cheapest (the interval contains `hint`).
-    `choices` holds each stage's choice (None: not rewritten) with its legality."""
-    stages = [(choice.variant, _legal(legality)) for choice, legality in choices
-              if choice is not None and not choice.forced]
-    lo, hi = stable_interval(site.dims, stages)
+# dynamic_policy="guard", bounded. A regime is worth a guard when it reaches at least this many times its
+# lowest N: narrower ones (a token or two, where sites of distinct shapes cross over) would cost a
+# recompile every few lengths and save almost nothing.
+WIDE_REGIME_FACTOR = 2
+# Only a frame's first compiles (Dynamo's compile numbers 0 … GUARDED_COMPILES - 1) may carry guards:
+# every extra compile is caused by a guarded compile's guard, so this is also how many compiles at most
+# runlora adds to stock Inductor's for one frame.
+GUARDED_COMPILES = 2
+
+
+def guard_token_counts(plans: list[tuple[Site, Plan]], options: RunLoraOptions) -> list[str]:
+    """dynamic_policy="guard", once per graph after every site is planned: guard that each symbolic N
+    stays in the intersection of its sites' regimes, within the bound in this module's docstring.
+
+    Args:
+        plans: every rewritten site of the graph with its plan.
+        options: the backend's options (`dynamic_policy`).
+
+    Returns:
+        one report note per site, in order ("" where there is nothing to say).
+    """
+    notes = [""] * len(plans)
+    by_symbol: dict[str, list[int]] = {}
+    for k, (site, plan) in enumerate(plans):
+        if plan.regime is not None:
+            by_symbol.setdefault(compat.sym_expr(site.dims.N), []).append(k)
+    for members in by_symbol.values():
+        site, plan = plans[members[0]]
+        lo = max(plans[k][1].regime[0] for k in members)
+        upper = [plans[k][1].regime[1] for k in members if plans[k][1].regime[1] is not None]
+        hi = min(upper) if upper else None
+        note = _guard_regime(site.dims.N, lo, hi, plan.n_used)
+        for k in members:
+            notes[k] = note
+    return notes
+
+
+def _guard_regime(n: Any, lo: int, hi: int | None, hint: int) -> str:
+    """Guard lo <= n <= hi (it holds at `hint`) where the bound allows; the report's note."""
+    regime = f"{lo} <= N <= {hi if hi is not None else '∞'}"
+    if lo <= 1 and hi is None:
+        return "no guard needed: the choices are the cheapest for every N"
+    at_hint = f"chosen at the size hint {hint} for every N"
+    if hi is not None and hi < WIDE_REGIME_FACTOR * lo:
+        return (f"no guard: the regime {regime} where this graph's choices stay the cheapest is narrower "
+                f"than a doubling of N; {at_hint}")
+    refusal = _guard_refusal()
+    if refusal is not None:
+        log.warning("runlora: dynamic_policy='guard' adds no guard for %s (size hint %s): %s. This compile "
+                    "serves every length, so Dynamo's recompile_limit is not reached on runlora's account.",
+                    regime, hint, refusal)
+        return f"no guard: {refusal}; {at_hint}"
     if lo > 1:
         compat.guard_bool(n >= lo)
     if hi is not None:
         compat.guard_bool(n <= hi)
-    notes.append(f"guarded {lo} <= N <= {hi if hi is not None else '∞'} (size hint {hint})")
+    return f"guarded {regime} (size hint {hint})"
+
+
+def _guard_refusal() -> str | None:
+    """Why this compile may carry no guard (the bound), or None."""
+    number = compat.frame_compile_number()
+    if number is None:  # not a Dynamo frame compile: nothing to recompile
+        return None
+    if number >= GUARDED_COMPILES:
+        return (f"this frame's compile {number} is past the {GUARDED_COMPILES} that may carry guards "
+                f"(at most {GUARDED_COMPILES} compiles more than stock Inductor)")
+    limit = compat.dynamo_recompile_limit()
+    if number + 1 >= limit:
+        return (f"this is the frame's last compile Dynamo's recompile_limit ({limit}) allows, and it must "
+                f"serve every length")
+    return None
