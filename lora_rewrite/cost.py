@@ -7,7 +7,9 @@
   miss: at LoRA ranks the rank-sized products are bandwidth-bound, so reading X or dY once more can
   cost more than a large product (see `lora_rewrite.hardware`).
 - "time": each legal variant is run on random tensors of the site's exact shape, dtype and device
-  and timed (`lora_rewrite.timing`); the fastest wins. Results are cached per shape.
+  and timed in its fastest product forms (`lora_rewrite.timing`, `lora_rewrite.tuning`); the fastest
+  wins, unless a variant with fewer FLOPs is within MARGIN of it (3 %: measurement noise). Results
+  are kept per shape in the process and on disk.
 
 Costs are linear in the token count N. When N is symbolic (dynamic shapes) it is first turned into a
 concrete number by the `dynamic_policy` option (see passes/plan.py).
@@ -54,10 +56,10 @@ def roofline_cost(variant: Variant, dims: Dims, *, dtype=None, device=None, **_)
     return roofline_seconds(variant.gemms(dims), dtype=dtype, device=device)
 
 
-def time_cost(variant: Variant, dims: Dims, *, dtype=None, device=None, stage: str = "", **_) -> float:
+def time_cost(variant: Variant, dims: Dims, *, dtype=None, device=None, stage: str = "", **context) -> float:
     from lora_rewrite.timing import measured_seconds
 
-    return measured_seconds(variant, dims, dtype=dtype, device=device, stage=stage)
+    return measured_seconds(variant, dims, dtype=dtype, device=device, stage=stage, **context)
 
 
 COST_FUNCTIONS: dict[str, Callable[..., float]] = {
@@ -68,12 +70,21 @@ COST_FUNCTIONS: dict[str, Callable[..., float]] = {
 UNITS = {"flops": CostUnit.FLOPS, "roofline": CostUnit.MODEL_SECONDS, "time": CostUnit.MEASURED_SECONDS}
 
 
+# Under "time", a variant with fewer FLOPs within this fraction of the fastest wins: timing noise.
+TIME_MARGIN = 0.03
+
+
 def choose(candidates: Sequence[Variant], dims: Dims, criterion: str, *, dtype=None, device=None,
-           stage: str = "") -> Choice:
-    """The cheapest of the legal `candidates` by `criterion`; ties go to the earlier one."""
+           stage: str = "", **context) -> Choice:
+    """The cheapest of the legal `candidates` by `criterion`; ties go to the earlier one. `context`
+    (the site's dX mode and weight layout) reaches the "time" criterion's measurement."""
     if not candidates:
         raise ValueError("no legal variant to choose from")
     cost_of = COST_FUNCTIONS[criterion]
-    costs = {v.name: cost_of(v, dims, dtype=dtype, device=device, stage=stage) for v in candidates}
+    extra = context if criterion == "time" else {}
+    costs = {v.name: cost_of(v, dims, dtype=dtype, device=device, stage=stage, **extra) for v in candidates}
     best = min(candidates, key=lambda v: (costs[v.name], candidates.index(v)))
+    if criterion == "time":
+        near = [v for v in candidates if costs[v.name] <= (1 + TIME_MARGIN) * costs[best.name]]
+        best = min(near, key=lambda v: (v.flops(dims), candidates.index(v)))
     return Choice(best, costs, UNITS[criterion])

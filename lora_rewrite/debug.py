@@ -61,6 +61,26 @@ class SiteReport:
     saved_bytes_avoided: int | None = None   # bytes of X·Aᵀ no longer saved for backward
     notes: list = field(default_factory=list)
     module_key: str | None = None            # Dynamo's key of the module (its id): explain() resolves it
+    forms: dict = field(default_factory=dict)         # {role: form} (lora_rewrite/forms.py); unnamed: default
+    form_seconds: dict = field(default_factory=dict)  # {role: {form: measured seconds}}
+    forms_source: str = "direct"                      # measured / measured (kept on disk) / direct / forced
+
+    def forms_text(self) -> str:
+        """The forms that differ from each role's default, e.g. "dB transposed, Z1_in_dX folded"."""
+        from lora_rewrite.forms import ROLE_BY_NAME
+
+        changed = [f"{role} {form}" for role, form in self.forms.items()
+                   if role in ROLE_BY_NAME and form != ROLE_BY_NAME[role].forms[0]]
+        return ", ".join(changed) if changed else "all default (direct, separate)"
+
+    def measured_forms_text(self) -> str:
+        """Every measured candidate, "role: form 1.23 ms* / other 2.34 ms" (* = chosen)."""
+        parts = []
+        for role, times in self.form_seconds.items():
+            chosen = self.forms.get(role)
+            cells = [f"{form} {seconds * 1e3:.3g} ms{'*' if form == chosen else ''}" for form, seconds in times.items()]
+            parts.append(f"{role}: {' / '.join(cells)}")
+        return "; ".join(parts)
 
     def line(self) -> str:
         bwd = self.backward or "-"
@@ -71,7 +91,7 @@ class SiteReport:
         notes = f" ({'; '.join(self.notes)})" if self.notes else ""
         return (f"{self.module}: N={self.N} i={self.i} o={self.o} r={self.r} s={self.scale} "
                 f"dropout={'yes' if self.dropout else 'no'} {self.dtype} -> {self.forward}/{bwd}"
-                f"{flops}{saved}{notes}")
+                f"{flops}{saved} forms {self.forms_source}: {self.forms_text()}{notes}")
 
 
 def site_report(site: Site, plan: Plan, criterion: str) -> SiteReport:
@@ -101,6 +121,8 @@ def site_report(site: Site, plan: Plan, criterion: str) -> SiteReport:
         backward_costs=dict(plan.backward.costs) if plan.backward else {},
         cost_unit=plan.forward.unit.value, flops_before=flops_before, flops_after=flops_after,
         saved_bytes_avoided=saved, notes=list(plan.notes), module_key=site.provenance.key,
+        forms=dict(plan.forms), form_seconds={k: dict(v) for k, v in plan.form_seconds.items()},
+        forms_source=plan.forms_source,
     )
 
 
@@ -160,6 +182,7 @@ class GraphReport:
                          f"{s.saved_bytes_avoided:,}" if s.saved_bytes_avoided else "0"])
         lines = [head] + _table(rows) if self.sites else [head]
         for s in self.sites:
+            lines.append(f"  forms {s.module} ({s.forms_source}): {s.forms_text()}")
             for note in s.notes:
                 lines.append(f"  note {s.module}: {note}")
         for f in self.fused:

@@ -91,6 +91,9 @@ def _why(site) -> str:
             text += f" ({site.criterion}: {costs(site.backward_costs)})"
     if site.N_used is not None and not isinstance(site.N, int):
         text += f"; N={site.N} decided at its size hint {site.N_used}"
+    text += f"; forms {site.forms_source}: {site.forms_text()}"
+    if site.form_seconds:
+        text += f" [{site.measured_forms_text()}]"
     return text
 
 

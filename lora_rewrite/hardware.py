@@ -15,6 +15,7 @@ real numbers are what matter, and the measurement takes well under a second.
 from __future__ import annotations
 
 import functools
+import platform
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -27,6 +28,25 @@ class Ceilings:
     flops_per_s: float
     bytes_per_s: float
     launch_s: float
+
+
+def cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_description(device: torch.device) -> str:
+    """What a measurement on `device` depends on: the GPU's name, or the CPU's model and torch's thread
+    count (a 2-thread and a 16-thread run of one CPU choose differently)."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}"
+    return f"{cpu_model_name()} ({torch.get_num_threads()} threads)"
 
 
 def synchronize(device: torch.device) -> None:

@@ -6,6 +6,9 @@ Keys (all optional):
     forward          force a forward variant by its paper name, e.g. "forward2"
     backward         force a backward variant by its paper name, e.g. "backward5"
     dynamic_policy   "hint" (default) | "guard" — how a symbolic token count N is decided on
+    forms            "measured" (default) | "direct" | {role: form} — the physical form of each product
+                     (lora_rewrite/forms.py): measured once per machine and shape and kept on disk
+                     (lora_rewrite/tuning.py), every product as its equation writes it, or forced
     fuse_siblings    True (default) | False — do the X·Aᵀ and dA products of sibling adapters that
                      read the same input (q/k/v, gate/up) as one product each (passes/fuse.py)
     codegen          True (default) | False — False runs the rewritten graphs op by op, without
@@ -34,6 +37,9 @@ from lora_rewrite.cost import CRITERIA
 from lora_rewrite.variants import BACKWARDS, FORWARDS, variant_names
 
 DYNAMIC_POLICIES = ("hint", "guard")
+FORMS_MEASURED = "measured"
+FORMS_DIRECT = "direct"
+FORMS_CHOICES = (FORMS_MEASURED, FORMS_DIRECT)
 ENV_DEBUG = "RUNLORA_DEBUG"
 ENV_DUMP_DIR = "RUNLORA_DUMP_DIR"
 
@@ -52,6 +58,8 @@ class RunLoraOptions:
         backward: a backward variant's paper name to force where it is legal, or None.
         dynamic_policy: for a symbolic token count N, "hint" (decide at the size hint, no guard) or "guard"
             (guard the interval of N where the choice holds; flops only). See passes/plan.py.
+        forms: "measured" (time each product's forms once per machine and shape), "direct" (every
+            product as its equation writes it) or a dict {role: form} forcing some (lora_rewrite/forms.py).
         fuse_siblings: do the X·Aᵀ and dA products of adapters that read one input as one product each.
         codegen: False runs the rewritten graphs op by op instead of generating Inductor code.
         rewrite: False compiles exactly like stock Inductor.
@@ -64,6 +72,7 @@ class RunLoraOptions:
     forward: str | None = None
     backward: str | None = None
     dynamic_policy: str = "hint"
+    forms: Any = FORMS_MEASURED
     fuse_siblings: bool = True
     codegen: bool = True
     rewrite: bool = True
@@ -74,6 +83,15 @@ class RunLoraOptions:
     def __post_init__(self):
         _check_choice("criterion", self.criterion, CRITERIA)
         _check_choice("dynamic_policy", self.dynamic_policy, DYNAMIC_POLICIES)
+        if isinstance(self.forms, Mapping):
+            from lora_rewrite.forms import check_forms
+
+            check_forms(self.forms)
+            object.__setattr__(self, "forms", dict(self.forms))
+        else:
+            if not isinstance(self.forms, str) or self.forms not in FORMS_CHOICES:
+                raise ValueError(f"runlora option 'forms' must be one of {list(FORMS_CHOICES)!r} or a dict "
+                                 f"{{role: form}}, got {self.forms!r}")
         if self.forward is not None:
             _check_choice("forward", self.forward, variant_names(FORWARDS))
         if self.backward is not None:
@@ -87,9 +105,16 @@ class RunLoraOptions:
             raise ValueError(f"runlora option 'inductor' must be a dict of Inductor config entries, "
                              f"got {self.inductor!r}")
 
+    def forced_forms(self) -> dict | None:
+        """The forms to use everywhere ("direct": none named, every default), or None: measure."""
+        if self.forms == FORMS_MEASURED:
+            return None
+        return {} if self.forms == FORMS_DIRECT else dict(self.forms)
+
     def rewrite_key(self) -> str:
         """Everything that changes the rewritten graph: part of the compile-cache key."""
-        return repr((self.rewrite, self.criterion, self.forward, self.backward, self.dynamic_policy,
+        forms = sorted(self.forms.items()) if isinstance(self.forms, Mapping) else self.forms
+        return repr((self.rewrite, self.criterion, self.forward, self.backward, self.dynamic_policy, forms,
                      self.fuse_siblings, self.debug, str(self.dump_dir) if self.dump_dir else None))
 
     @classmethod

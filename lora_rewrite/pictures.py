@@ -64,6 +64,12 @@ class Scaled:
 
 
 @dataclass(frozen=True)
+class Cols:
+    """Matrices side by side, [P | Q] (a product folded into another as extra columns)."""
+    parts: tuple
+
+
+@dataclass(frozen=True)
 class Opaque:
     """A value the labels cannot express: shown by its FX node name."""
     name: str
@@ -96,6 +102,8 @@ def contains(e, kind: type, name: str | None = None) -> bool:
         return contains(e.left, kind, name) or contains(e.right, kind, name)
     if isinstance(e, Sum):
         return any(contains(t, kind, name) for t in e.terms)
+    if isinstance(e, Cols):
+        return any(contains(t, kind, name) for t in e.parts)
     if isinstance(e, Scaled):
         return contains(e.scale, kind, name) or contains(e.inner, kind, name)
     return False
@@ -149,6 +157,8 @@ def name_known(e, scale: Any):
         e = Sum(tuple(name_known(t, scale) for t in e.terms))
     elif isinstance(e, Scaled):
         e = Scaled(name_known(e.scale, scale), name_known(e.inner, scale))
+    elif isinstance(e, Cols):
+        return Cols(tuple(name_known(p, scale) for p in e.parts))
     return _NAMED_FORMS.get(normal_form(e), e)
 
 
@@ -157,6 +167,8 @@ def render(e, top: bool = True) -> str:
         return e.name + ("ᵀ" if e.t else "")
     if isinstance(e, Num):
         return f"{e.value:g}"
+    if isinstance(e, Cols):
+        return "[" + " | ".join(render(p) for p in e.parts) + "]"
     if isinstance(e, Prod):
         return f"{_operand(e.left)}·{_operand(e.right)}"
     if isinstance(e, Scaled):
@@ -361,12 +373,20 @@ def _expression(node, roles, core, depth, memo):
         return transpose(sub(args[0], 0))
     if op in VIEW_OPS:
         return sub(args[0], 0)
-    if node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("beta", 1) != 1:
+    alpha = node.kwargs.get("alpha", 1)
+    if node.kwargs.get("beta", 1) != 1 or not isinstance(alpha, (int, float)) or (alpha != 1 and op != "addmm"):
         return Opaque(node.name)
     if op == "mm":
         return Prod(sub(args[0]), sub(args[1]))
-    if op == "addmm":
-        return plus(sub(args[0]), Prod(sub(args[1]), sub(args[2])))
+    if op == "addmm":   # c + alpha·(a·b): runlora passes the scale as alpha
+        product = Prod(sub(args[1]), sub(args[2]))
+        return plus(sub(args[0]), product if alpha == 1 else Scaled(Num(float(alpha)), product))
+    if op == "cat" and (list(args) + [0])[1] in (1, -1) and isinstance(args[0], (list, tuple)):
+        return Cols(tuple(sub(piece) for piece in args[0]))
+    if op == "slice":
+        folded = _slice_of_folded_product(node)
+        if folded is not None:
+            return Prod(sub(folded[0]), sub(folded[1]))
     if op == "add" and all(isinstance(a, Node) for a in args[:2]):
         return plus(sub(args[0]), sub(args[1]))
     if op in ("mul", "div") and len(args) == 2:
@@ -380,6 +400,26 @@ def _expression(node, roles, core, depth, memo):
             other = tensors[1] if tensors[0] is zero_d[0] else tensors[0]
             return Scaled(S, sub(other))
     return Opaque(node.name)
+
+
+def _slice_of_folded_product(node: Node):
+    """(P, Qₖ) where node is the column slice P·Qₖ of P·[Q₁ | Q₂] (a product folded into another, as
+    runlora's [dY·W′ | Z1] = dY·[W′ | s·B]); None otherwise."""
+    source, dim, start, end = (list(node.args) + [None] * 4)[:4]
+    if not (isinstance(source, Node) and op_name(source) == "mm" and dim in (1, -1)):
+        return None
+    p, cat = source.args
+    if not (isinstance(cat, Node) and op_name(cat) == "cat" and (list(cat.args) + [0])[1] in (1, -1)):
+        return None
+    offset = 0
+    for piece in cat.args[0]:
+        width = (_shape(piece) or (None, None))[1]
+        if not isinstance(width, int):
+            return None
+        if (start, end) == (offset, offset + width):
+            return p, piece
+        offset += width
+    return None
 
 
 # --- what a picture holds --------------------------------------------------------------------------------

@@ -16,9 +16,14 @@ returns its result together with the intermediate products later passes reuse (`
 `BackwardResult`). The guard reads the facts the matcher established about a site (`SiteFacts`) and
 says why the variant would be wrong there, or None. The product list is the cost formula: FLOPs are
 Σ 2·m·k·n (torch.utils.flop_counter's convention, matmuls only) and bytes are each product's operands
-read once and result written once. The scale is always folded into a rank-sized factor (s·B is o×r),
-never applied to an [N,o] or [N,i] tensor, and sums are accumulated inside the matmul (`addmm`) rather
+read once and result written once. The scale rides inside a product as addmm's alpha where it is a
+Python number, else on a rank-sized factor or result (s·B is o×r; with 16-bit adapters s·(dY·B), see
+`_z1`), never on an [N,o] or [N,i] tensor; sums are accumulated inside the matmul (`addmm`) rather
 than by a separate pass.
+
+Which physical form each product runs in (orientation, Z1 folded into the dX product) is a choice
+apart from the bracketing, with the same FLOPs: every product with a choice is emitted through
+`lora_rewrite.forms.product` / `ops.pick` under its role, and the ops object runs the planned form.
 
 X·Aᵀ is never saved for backward: variants that need it in backward recompute it (`ops.recompute`
 tags it so the partitioner does not keep the forward's copy alive), and so does the merged weight
@@ -35,6 +40,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+
+from lora_rewrite.forms import FOLDED, GRAD_A, GRAD_B, SEPARATE, XA, Z1, Z1_IN_DX, Z2, ZT, FixedForms, FormPlan, product
 
 aten = torch.ops.aten
 
@@ -166,14 +173,23 @@ class BackwardResult:
     xa: Any = None         # Z2 = X·Aᵀ [N,r], where the variant recomputes it (backward1/5)
 
 
-class EagerOps:
-    """`ops` on real tensors, through the same aten ops the graph rewrite emits."""
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class EagerOps(FixedForms):
+    """`ops` on real tensors, through the same aten ops the graph rewrite emits, each product in the
+    given forms (lora_rewrite.forms; default: every role in its default form)."""
+
+    def __init__(self, forms: FormPlan | None = None):
+        self.forms = dict(forms or {})
 
     def mm(self, a, b):
         return aten.mm.default(a, b)
 
-    def addmm(self, c, a, b):
-        return aten.addmm.default(c, a, b)
+    def addmm(self, c, a, b, alpha=1):
+        if alpha == 1:
+            return aten.addmm.default(c, a, b)
+        return aten.addmm.default(c, a, b, alpha=alpha)
 
     def t(self, a):
         return aten.permute.default(a, [1, 0])
@@ -186,6 +202,27 @@ class EagerOps:
     def recompute(self, a):
         return a
 
+    def cat(self, tensors, dim):
+        return aten.cat.default(list(tensors), dim)
+
+    def narrow(self, a, dim, start, length):
+        return aten.slice.Tensor(a, dim, start, start + length)
+
+    def size(self, a, dim):
+        return a.shape[dim]
+
+    def is_half(self, a):
+        return a.dtype in HALF_DTYPES
+
+    def stored_as_io(self, w_io):
+        """W is stored as its transpose [i,o] (transformers' Conv1D), not as nn.Linear's [o,i]."""
+        return w_io.is_contiguous()
+
+
+def _is_number(s) -> bool:
+    """A Python scale rides inside a product as addmm's alpha; a tensor scale (a 0-d node) cannot."""
+    return isinstance(s, (int, float)) and not isinstance(s, bool)
+
 
 def _scaled_b(ops, p):
     """s·B [o,r]: the scale rides on the rank-sized factor. Rebuilt in the backward, never saved."""
@@ -196,11 +233,23 @@ def _linear(ops, x, w_io, bias):
     return ops.mm(x, w_io) if bias is None else ops.addmm(bias, x, w_io)
 
 
+def _merged_weight(ops, p):
+    """W′ = W + s·B·A [o,i], built in W's stored layout: addmm(W, B, A, alpha=s) for nn.Linear's [o,i];
+    for a weight stored as [i,o] (Conv1D) built as that [i,o] and returned as a transposed view. Never a
+    strided copy of W, never saved for backward."""  # 2·o·r·i FLOPs
+    alpha, b = (p.s, p.b) if _is_number(p.s) else (1, _scaled_b(ops, p))
+    if ops.stored_as_io(p.w_io):
+        return ops.recompute(ops.t(ops.addmm(p.w_io, ops.t(p.a), ops.t(b), alpha=alpha)))
+    return ops.recompute(ops.addmm(ops.t(p.w_io), b, p.a, alpha=alpha))
+
+
 # --- forward ----------------------------------------------------------------------------------------
 
 def factored_forward(ops, p: ForwardOperands) -> ForwardResult:
-    """forward1: Y = X·Wᵀ + (X·Aᵀ)·(s·B)ᵀ — the adapter product accumulated onto the base result."""
-    xa = ops.recompute(ops.mm(p.x, ops.t(p.a)))
+    """forward1: Y = X·Wᵀ + s·(X·Aᵀ)·Bᵀ — the adapter product accumulated onto the base result, s as addmm's alpha."""
+    xa = ops.recompute(product(ops, XA, p.x, ops.t(p.a)))
+    if _is_number(p.s):
+        return ForwardResult(ops.addmm(p.base, xa, ops.t(p.b), alpha=p.s), xa=xa)
     return ForwardResult(ops.addmm(p.base, xa, ops.t(_scaled_b(ops, p))), xa=xa)
 
 
@@ -217,12 +266,11 @@ def always_legal(facts: SiteFacts) -> None:
 
 def merged_weight_forward(ops, p: ForwardOperands) -> ForwardResult:
     """forward2: Y = X·(W + s·B·A)ᵀ — fold the adapter into the weight, then one product."""
-    merged_w_io = ops.recompute(ops.addmm(p.w_io, ops.t(p.a), ops.t(_scaled_b(ops, p))))
-    return ForwardResult(_linear(ops, p.x, merged_w_io, p.bias))
+    return ForwardResult(_linear(ops, p.x, ops.t(_merged_weight(ops, p)), p.bias))
 
 
 def merged_weight_forward_gemms(d: Dims):  # 2·(i·o·r + N·o·i)
-    return [Gemm(d.i, d.r, d.o, "Wᵀ + Aᵀ·(s·B)ᵀ", accumulate=True),
+    return [Gemm(d.o, d.r, d.i, "W + s·B·A", accumulate=True),
             Gemm(d.N, d.i, d.o, "X·(W + s·B·A)ᵀ")]
 
 
@@ -259,17 +307,46 @@ FORWARD2 = Variant("forward2", "merged weight: X·(W + s·B·A)ᵀ", "Y = X·(W 
 # Shared pieces, named as in the paper's Algorithms 1-5:
 #   Z1 = s·dY·B [N,r]    Z2 = X·Aᵀ [N,r]    Zt = dYᵀ·X [o,i]    W + s·B·A [o,i] (built as its [i,o] transpose)
 
-def _input_grad_factored(ops, p: BackwardOperands, z1):
-    """dX = dY·W + Z1·A (or only Z1·A when the model adds the base part itself)."""
-    if p.dx is DxMode.TOTAL:
-        return ops.addmm(ops.mm(p.dy, ops.t(p.w_io)), z1, p.a)
-    return ops.mm(z1, p.a)
+def _z1(ops, p: BackwardOperands):
+    """Z1 = s·dY·B [N,r]. With 16-bit adapters the scale goes on the product's result, not into B: a
+    small s would round s·B to a few bits (or to zero) in 16-bit, where eager PEFT scales dY itself."""
+    if ops.is_half(p.b):
+        return ops.scale(product(ops, Z1, p.dy, p.b), p.s)
+    return product(ops, Z1, p.dy, _scaled_b(ops, p))
 
 
-def _input_grad_merged(ops, p: BackwardOperands, sb):
-    """dX = dY·(W + s·B·A)."""
-    merged_w_io = ops.recompute(ops.addmm(p.w_io, ops.t(p.a), ops.t(sb)))
-    return ops.mm(p.dy, ops.t(merged_w_io))
+def _z1_and_input_grad(ops, p: BackwardOperands, merged_weight=None):
+    """(Z1, dX): Z1 = s·dY·B, and dX = dY·W + Z1·A (factored), dY·W′ (`merged_weight` W′ given), Z1·A
+    (DxMode.LORA) or None. Where dX reads dY·W anyway, Z1 is separate or folded into that product as r
+    extra columns, `dY·[W | s·B]` (role Z1_in_dX): the same FLOPs, one pass over dY instead of two."""
+    if p.dx is None:
+        return _z1(ops, p), None
+    if p.dx is DxMode.LORA:
+        z1 = _z1(ops, p)
+        return z1, ops.mm(z1, p.a)
+    weight = merged_weight if merged_weight is not None else ops.t(p.w_io)   # [o,i]
+    i, r = ops.size(p.a, 1), ops.size(p.a, 0)
+
+    def separate():
+        return _z1(ops, p), ops.mm(p.dy, weight)
+
+    def folded():  # 2N·o·(i + r) FLOPs, as dY·W and Z1 apart
+        half = ops.is_half(p.b)
+        wide = ops.mm(p.dy, ops.cat([weight, p.b if half else _scaled_b(ops, p)], 1))   # [N, i+r]
+        z1 = ops.narrow(wide, 1, i, r)
+        return (ops.scale(z1, p.s) if half else z1), ops.narrow(wide, 1, 0, i)
+
+    z1, dy_w = ops.pick(Z1_IN_DX, {SEPARATE: separate, FOLDED: folded})
+    if merged_weight is not None:
+        return z1, dy_w
+    return z1, ops.addmm(dy_w, z1, p.a)
+
+
+def _grad_a_through_zt(ops, p: BackwardOperands, zt):
+    """dA = (s·B)ᵀ·Zt [r,i]; with 16-bit adapters s·(Bᵀ·Zt), for the reason `_z1` gives."""
+    if ops.is_half(p.b):
+        return ops.scale(ops.mm(ops.t(p.b), zt), p.s)
+    return ops.mm(ops.t(_scaled_b(ops, p)), zt)
 
 
 def _dx_gemms_factored(d: Dims):
@@ -281,7 +358,7 @@ def _dx_gemms_factored(d: Dims):
 def _dx_gemms_merged(d: Dims):
     if not d.needs_dx:
         return []
-    return [Gemm(d.i, d.r, d.o, "Wᵀ + Aᵀ·(s·B)ᵀ", accumulate=True), Gemm(d.N, d.o, d.i, "dY·(W + s·B·A)")]
+    return [Gemm(d.o, d.r, d.i, "W + s·B·A", accumulate=True), Gemm(d.N, d.o, d.i, "dY·(W + s·B·A)")]
 
 
 def merged_weight_backward_guard(facts: SiteFacts) -> str | None:
@@ -302,12 +379,10 @@ def merged_weight_backward_guard(facts: SiteFacts) -> str | None:
 
 def backward1(ops, p: BackwardOperands) -> BackwardResult:
     """backward1 (Algorithm 1): dA = Z1ᵀ·X, dB = s·dYᵀ·Z2, dX = dY·W + Z1·A, with Z1 = s·dY·B, Z2 = X·Aᵀ recomputed."""
-    sb = _scaled_b(ops, p)
-    z1 = ops.mm(p.dy, sb)
-    z2 = ops.recompute(ops.mm(p.x, ops.t(p.a)))
-    grad_a = ops.mm(ops.t(z1), p.x)
-    grad_b = ops.scale(ops.mm(ops.t(p.dy), z2), p.s)
-    grad_x = _input_grad_factored(ops, p, z1) if p.dx else None
+    z1, grad_x = _z1_and_input_grad(ops, p)
+    z2 = ops.recompute(product(ops, Z2, p.x, ops.t(p.a)))
+    grad_a = product(ops, GRAD_A, ops.t(z1), p.x)
+    grad_b = ops.scale(product(ops, GRAD_B, ops.t(p.dy), z2), p.s)
     return BackwardResult(grad_a, grad_b, grad_x, z1=z1, xa=z2)
 
 
@@ -318,12 +393,10 @@ def backward1_gemms(d: Dims):  # 2N·(2o·r + 3i·r + o·i)
 
 def backward2(ops, p: BackwardOperands) -> BackwardResult:
     """backward2 (Algorithm 2): dA = Z1ᵀ·X, dB = s·Zt·Aᵀ, dX = dY·W + Z1·A, with Zt = dYᵀ·X."""
-    sb = _scaled_b(ops, p)
-    z1 = ops.mm(p.dy, sb)
-    zt = ops.mm(ops.t(p.dy), p.x)
-    grad_a = ops.mm(ops.t(z1), p.x)
+    z1, grad_x = _z1_and_input_grad(ops, p)
+    zt = product(ops, ZT, ops.t(p.dy), p.x)
+    grad_a = product(ops, GRAD_A, ops.t(z1), p.x)
     grad_b = ops.scale(ops.mm(zt, ops.t(p.a)), p.s)
-    grad_x = _input_grad_factored(ops, p, z1) if p.dx else None
     return BackwardResult(grad_a, grad_b, grad_x, z1=z1)
 
 
@@ -334,11 +407,10 @@ def backward2_gemms(d: Dims):  # 2N·(o·r + 2i·r + 2i·o) + 2i·o·r
 
 def backward3(ops, p: BackwardOperands) -> BackwardResult:
     """backward3 (Algorithm 3): dA = (s·B)ᵀ·Zt, dB = s·Zt·Aᵀ, dX = dY·W + Z1·A, with Zt = dYᵀ·X."""
-    sb = _scaled_b(ops, p)
-    zt = ops.mm(ops.t(p.dy), p.x)
-    grad_a = ops.mm(ops.t(sb), zt)
+    zt = product(ops, ZT, ops.t(p.dy), p.x)
+    grad_a = _grad_a_through_zt(ops, p, zt)
     grad_b = ops.scale(ops.mm(zt, ops.t(p.a)), p.s)
-    grad_x = _input_grad_factored(ops, p, ops.mm(p.dy, sb)) if p.dx else None
+    grad_x = _z1_and_input_grad(ops, p)[1] if p.dx else None
     return BackwardResult(grad_a, grad_b, grad_x)
 
 
@@ -350,11 +422,10 @@ def backward3_gemms(d: Dims):  # 2N·(2i·o + o·r + i·r) + 4i·o·r
 
 def backward4(ops, p: BackwardOperands) -> BackwardResult:
     """backward4 (Algorithm 4): dA = (s·B)ᵀ·Zt, dB = s·Zt·Aᵀ, dX = dY·(W + s·B·A)."""
-    sb = _scaled_b(ops, p)
-    zt = ops.mm(ops.t(p.dy), p.x)
-    grad_a = ops.mm(ops.t(sb), zt)
+    zt = product(ops, ZT, ops.t(p.dy), p.x)
+    grad_a = _grad_a_through_zt(ops, p, zt)
     grad_b = ops.scale(ops.mm(zt, ops.t(p.a)), p.s)
-    grad_x = _input_grad_merged(ops, p, sb) if p.dx else None
+    grad_x = ops.mm(p.dy, _merged_weight(ops, p)) if p.dx else None
     return BackwardResult(grad_a, grad_b, grad_x)
 
 
@@ -365,12 +436,10 @@ def backward4_gemms(d: Dims):  # 2·(2N·i·o + 3i·o·r)
 
 def backward5(ops, p: BackwardOperands) -> BackwardResult:
     """backward5 (Algorithm 5): dA = Z1ᵀ·X, dB = s·dYᵀ·Z2, dX = dY·(W + s·B·A), Z2 = X·Aᵀ recomputed."""
-    sb = _scaled_b(ops, p)
-    z1 = ops.mm(p.dy, sb)
-    z2 = ops.recompute(ops.mm(p.x, ops.t(p.a)))
-    grad_a = ops.mm(ops.t(z1), p.x)
-    grad_b = ops.scale(ops.mm(ops.t(p.dy), z2), p.s)
-    grad_x = _input_grad_merged(ops, p, sb) if p.dx else None
+    z1, grad_x = _z1_and_input_grad(ops, p, _merged_weight(ops, p) if p.dx else None)
+    z2 = ops.recompute(product(ops, Z2, p.x, ops.t(p.a)))
+    grad_a = product(ops, GRAD_A, ops.t(z1), p.x)
+    grad_b = ops.scale(product(ops, GRAD_B, ops.t(p.dy), z2), p.s)
     return BackwardResult(grad_a, grad_b, grad_x, z1=z1, xa=z2)
 
 

@@ -53,7 +53,7 @@ def rewrite_graph(graph: Graph, options: RunLoraOptions) -> debug.GraphReport:
         before = capture.site_before(site.nodes())
         try:
             done = rewrite_site(graph, fake_mode, site, plan.forward.variant,
-                                plan.backward.variant if plan.backward else None)
+                                plan.backward.variant if plan.backward else None, plan.forms)
         except RewriteError as e:
             debug.log.warning("runlora left %s untouched: %s", site.module_path, e)
             report.skipped.append(debug.SkipReport(site.module_path, f"rewrite failed, graph kept: {e}",

@@ -57,6 +57,9 @@ class Plan:
     n_used: int | None
     notes: list = field(default_factory=list)
     regime: tuple[int, int | None] | None = None
+    forms: dict = field(default_factory=dict)          # {role: form} of both stages (lora_rewrite/forms.py)
+    form_seconds: dict = field(default_factory=dict)   # {role: {form: measured seconds}} where measured
+    forms_source: str = "direct"                       # how the forms were decided, for the report
 
 
 def plan_site(site: Site, options: RunLoraOptions) -> Plan:
@@ -89,6 +92,7 @@ def plan_site(site: Site, options: RunLoraOptions) -> Plan:
     for stage, legality in (("forward", forward_legality), ("backward", backward_legality)):
         for reason in dict.fromkeys(r for r in legality.values() if r is not None):
             notes.append(f"merged {stage} variants illegal: {reason}")
+    forms, form_seconds, forms_source = plan_forms(site, forward, backward, dims, options, n_known)
     regime = None
     if isinstance(n, torch.SymInt) and n_known and options.dynamic_policy == "guard":
         if options.criterion == "flops":
@@ -98,7 +102,46 @@ def plan_site(site: Site, options: RunLoraOptions) -> Plan:
             regime = stable_interval(site.dims, stages)
         else:
             notes.append(f"dynamic_policy='guard' applies to the flops criterion; {options.criterion} used the hint")
-    return Plan(forward, backward, n_used, notes, regime)
+    return Plan(forward, backward, n_used, notes, regime, forms, form_seconds, forms_source)
+
+
+def _weight_stored_as_io(site: Site) -> bool:
+    linear = site.forward.linear
+    return linear is not None and linear.w_io.meta["val"].is_contiguous()
+
+
+def _stage_context(site: Site) -> dict:
+    """What a measurement needs to know about the site besides its dims and dtype."""
+    return {"dx": site.backward.dx_mode if site.backward is not None else None,
+            "weight_stored_as_io": _weight_stored_as_io(site)}
+
+
+def plan_forms(site: Site, forward: Choice, backward: Choice | None, dims: Dims, options: RunLoraOptions,
+               n_known: bool) -> tuple[dict, dict, str]:
+    """The product forms of the chosen variants: forced (option `forms`), or measured at the site's
+    shapes (lora_rewrite/tuning.py). Returns (forms, measured seconds per role and form, source)."""
+    forced = options.forced_forms()
+    if forced is not None:
+        return forced, {}, "direct" if not forced else "forced"
+    if not n_known:
+        return {}, {}, "direct (N has no size hint to measure at)"
+    from lora_rewrite.tuning import measure_stage, stage_shape
+
+    device = site.forward.x.meta["val"].device
+    context = _stage_context(site)
+    forms: dict = {}
+    seconds: dict = {}
+    from_disk = True
+    for choice in (forward, backward):
+        if choice is None:
+            continue
+        shape = stage_shape(choice.variant, dims, context["dx"] if dims.needs_dx else None, site.forward.dtype,
+                            context["weight_stored_as_io"])
+        measured = measure_stage(choice.variant, shape, device)
+        forms.update(measured.forms)
+        seconds.update(measured.candidates)
+        from_disk = from_disk and measured.from_disk
+    return forms, seconds, "measured (kept on disk)" if from_disk else "measured"
 
 
 def _legality(variants, facts: SiteFacts) -> dict[Variant, str | None]:
@@ -123,7 +166,8 @@ def _choose_stage(stage: str, legality: dict[Variant, str | None], forced: str |
         notes.append(f"N has no size hint: {stage} falls back to {legal[0].name}")
         return Choice(legal[0], unit=CostUnit.FALLBACK)
     device = site.forward.x.meta["val"].device
-    return choose(legal, dims, options.criterion, dtype=site.forward.dtype, device=device, stage=stage)
+    return choose(legal, dims, options.criterion, dtype=site.forward.dtype, device=device, stage=stage,
+                  **_stage_context(site))
 
 
 def _linear_in_n(variant: Variant, dims: Dims) -> tuple[int, int]:

@@ -28,7 +28,9 @@ import torch
 from torch.fx import Graph, Node
 
 from lora_rewrite import compat
-from lora_rewrite.variants import BackwardOperands, BackwardResult, DxMode, ForwardOperands, ForwardResult, Variant
+from lora_rewrite.forms import FixedForms, FormPlan
+from lora_rewrite.variants import (HALF_DTYPES, BackwardOperands, BackwardResult, DxMode, ForwardOperands,
+                                   ForwardResult, Variant)
 from lora_rewrite.passes.fx import (PERMUTE, RUNLORA_NODE, VIEWS, dtype, erase_unused, is_call, is_tangent,
                                     made_by_runlora, prims, same_shape, shape)
 from lora_rewrite.passes.site import Site
@@ -66,12 +68,14 @@ class RewrittenSite:
     products: SiteProducts
 
 
-class GraphOps:
-    """`ops` that append FX nodes to a graph, each with its fake value (meta["val"])."""
+class GraphOps(FixedForms):
+    """`ops` that append FX nodes to a graph, each with its fake value (meta["val"]); every product
+    with a form (lora_rewrite.forms) in the form `forms` names for its role."""
 
-    def __init__(self, graph: Graph, fake_mode):
+    def __init__(self, graph: Graph, fake_mode, forms: FormPlan | None = None):
         self.graph = graph
         self.fake_mode = fake_mode
+        self.forms = dict(forms or {})
         self.created: list[Node] = []
         self._created_set: set[Node] = set()
         self._template: Node | None = None
@@ -120,10 +124,15 @@ class GraphOps:
     def mm(self, a, b):
         return self.call(aten.mm.default, a, b)
 
-    def addmm(self, c, a, b):
-        return self.call(aten.addmm.default, c, a, b)
+    def addmm(self, c, a, b, alpha=1):
+        if alpha == 1:
+            return self.call(aten.addmm.default, c, a, b)
+        return self.call(aten.addmm.default, c, a, b, alpha=alpha)
 
     def t(self, a):
+        # (aᵀ)ᵀ is a itself: a product form never stacks two transposed views of one tensor.
+        if is_call(a, PERMUTE) and list(a.args[1]) == [1, 0]:
+            return a.args[0]
         return self.call(PERMUTE, a, [1, 0])
 
     def scale(self, a, s):
@@ -133,10 +142,30 @@ class GraphOps:
 
     def recompute(self, a):
         # The partitioner must recompute this value in the backward rather than save it. Only
-        # values built here are tagged (s = 1 hands B itself back from `scale`).
-        if a in self._created_set:
-            a.meta["recompute"] = compat.must_recompute_policy()
+        # values built here are tagged (s = 1 hands B itself back from `scale`); a view (a transposed
+        # form's result) is tagged together with the product it views.
+        node = a
+        while node in self._created_set:
+            node.meta["recompute"] = compat.must_recompute_policy()
+            if not is_call(node, PERMUTE, *VIEWS):
+                break
+            node = node.args[0]
         return a
+
+    def cat(self, nodes, dim):
+        return self.call(aten.cat.default, list(nodes), dim)
+
+    def narrow(self, a, dim, start, length):
+        return self.call(aten.slice.Tensor, a, dim, start, start + length)
+
+    def size(self, a, dim):
+        return a.meta["val"].shape[dim]
+
+    def is_half(self, a):
+        return dtype(a) in HALF_DTYPES
+
+    def stored_as_io(self, w_io):
+        return w_io.meta["val"].is_contiguous()
 
     # shape plumbing used by the rewrite itself
     def view(self, a, shape_args):
@@ -218,8 +247,13 @@ def _build_backward(ops: GraphOps, site: Site, variant: Variant) -> tuple[Backwa
             replacements[grads.grad_x_lora] = grad_x
         elif mode is DxMode.TOTAL:
             dx_sum = grads.dx_sum
+            # dX folded with Z1 is a column slice of [dY·W′ | Z1]: reshaped (a view where its strides
+            # allow), and copied to rows only where it leaves the graph, so no caller sees the wide buffer.
+            sliced = is_call(grad_x, aten.slice.Tensor)
             if dx_sum.view_args is not None:
-                grad_x = ops.view(grad_x, dx_sum.view_args)
+                grad_x = (ops.reshape if sliced else ops.view)(grad_x, dx_sum.view_args)
+            if sliced and any(user.op == "output" for user in dx_sum.base_end.users):
+                grad_x = ops.call(aten.clone.default, grad_x, memory_format=torch.contiguous_format)
             if dx_sum.cast_to is not None:
                 grad_x = ops.cast(grad_x, dx_sum.cast_to)
             replacements[dx_sum.base_end] = grad_x
@@ -228,11 +262,13 @@ def _build_backward(ops: GraphOps, site: Site, variant: Variant) -> tuple[Backwa
     return result, replacements
 
 
-def rewrite_site(graph: Graph, fake_mode, site: Site, forward: Variant, backward: Variant | None) -> RewrittenSite:
-    """Replace the site's forward (and, when `backward` is given, its gradients) in place.
+def rewrite_site(graph: Graph, fake_mode, site: Site, forward: Variant, backward: Variant | None,
+                 forms: FormPlan | None = None) -> RewrittenSite:
+    """Replace the site's forward (and, when `backward` is given, its gradients) in place, each product
+    in the form `forms` names for its role (lora_rewrite.forms; default forms where it names none).
 
     Raises RewriteError, leaving the graph untouched, if any new value does not check out."""
-    ops = GraphOps(graph, fake_mode)
+    ops = GraphOps(graph, fake_mode, forms)
     try:
         forward_result = _build_forward(ops, site, forward)
         replacements = {site.forward.out: forward_result.y}

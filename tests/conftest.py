@@ -1,10 +1,14 @@
 import os
 import sys
+import tempfile
 
 # Every test compiles from scratch: a compile-cache hit would skip the runlora pass (and its
 # counters and reports), which is what several tests observe. test_backend.py turns caches back on
 # where it tests them.
 os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
+# The measured product forms are kept on disk (lora_rewrite/tuning.py): the tests keep theirs apart
+# from the user's, in a folder of this run.
+os.environ.setdefault("RUNLORA_CACHE_DIR", tempfile.mkdtemp(prefix="runlora-test-forms-"))
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402

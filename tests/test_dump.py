@@ -48,8 +48,8 @@ def captured_sites(monkeypatch, tmp_path, model, x, **options):
     drawn = []
     monkeypatch.setattr(dump, "draw_site", lambda stem, module, site, before, after, kind="joint":
                         drawn.append((module, site, before, after, kind)))
-    compiled = torch.compile(model, backend="runlora", options={"codegen": False, "dump_dir": str(tmp_path), **options})
-    compiled(x)
+    options = {"codegen": False, "dump_dir": str(tmp_path), "forms": "direct", **options}
+    torch.compile(model, backend="runlora", options=options)(x)
     return drawn
 
 
@@ -70,7 +70,7 @@ def test_site_pictures_label_roles_not_aten_names(monkeypatch, tmp_path):
     assert {"X", "W", "A", "B", "bias + X·Wᵀ", "dY", "X·Aᵀ", "Z1 = (s·dY)·B", "dA = Z1ᵀ·X", "dB = (s·dYᵀ)·(X·Aᵀ)",
             "Y = bias + X·Wᵀ + s·((X·Aᵀ)·Bᵀ)", "dX = Z1·A + dY·W"} <= as_traced
     rewritten = main_labels(after, site)
-    assert {"X", "W", "A", "B", "bias", "dY", "s·B", "W′ᵀ = Wᵀ + Aᵀ·(s·Bᵀ)", "Y = bias + X·W′ᵀ",
+    assert {"X", "W", "A", "B", "bias", "dY", "s·B", "W′ = W + s·(B·A)", "Y = bias + X·W′ᵀ",
             "Z1 = dY·(s·B)", "dA = Z1ᵀ·X", "dB = s·(dYᵀ·(X·Aᵀ))", "dX = dY·W′"} <= rewritten
     for label in as_traced | rewritten:
         assert not ATEN_NAME.search(label), label
@@ -94,7 +94,20 @@ def test_inference_site_picture_has_no_backward(monkeypatch, tmp_path):
         ((module, site, before, after, kind),) = captured_sites(monkeypatch, tmp_path, peft_linear(16, 24, 4).eval(),
                                                                 torch.randn(2, 64, 16))
     assert kind == "inference" and "forward2 (inference: no backward)" in dump.site_title(module, site, "after", kind)
-    assert main_labels(after, site) == {"X", "W", "A", "B", "bias", "s·B", "W′ᵀ = Wᵀ + Aᵀ·(s·Bᵀ)", "Y = bias + X·W′ᵀ"}
+    assert main_labels(after, site) == {"X", "W", "A", "B", "bias", "W′ = W + s·(B·A)", "Y = bias + X·W′ᵀ"}
+
+
+def test_site_pictures_show_a_folded_and_a_transposed_product_by_role(monkeypatch, tmp_path):
+    """Z1 folded into the dX product: the picture shows dY·[W′ | s·B], and its two column slices as
+    dX = dY·W′ and Z1; dB transposed, (Z2ᵀ·dY)ᵀ, is still labelled dB."""
+    x = torch.randn(4, 32, 16, requires_grad=True)
+    ((module, site, before, after, kind),) = captured_sites(
+        monkeypatch, tmp_path, peft_linear(16, 24, 4), x, forward="forward2", backward="backward5",
+        forms={"Z1_in_dX": "folded", "dB": "transposed"})
+    labels = main_labels(after, site)
+    assert {"dY·[W′ | s·B]", "Z1 = dY·(s·B)", "dX = dY·W′", "dB = s·(dYᵀ·(X·Aᵀ))", "dA = Z1ᵀ·X"} <= labels
+    for label in labels:
+        assert not ATEN_NAME.search(label) and "cat_" not in label, label
 
 
 def _crosses(xs, ys, box, samples=60) -> bool:

@@ -18,6 +18,10 @@ from lora_rewrite.options import RunLoraOptions
     ({"fuse_siblings": "yes"}, "'fuse_siblings' must be True or False"),
     ({"inductor": {"not_a_config_key": 1}}, "unknown Inductor config key(s) ['not_a_config_key']"),
     ({"inductor": 3}, "'inductor' must be a dict"),
+    ({"forms": "fastest"}, "'forms' must be one of ['measured', 'direct'] or a dict {role: form}"),
+    ({"forms": 1}, "'forms' must be one of ['measured', 'direct'] or a dict {role: form}"),
+    ({"forms": {"dQ": "transposed"}}, "unknown product role 'dQ' in runlora option 'forms'; valid roles are"),
+    ({"forms": {"dB": "folded"}}, "role 'dB' has forms ['direct', 'transposed'], got 'folded'"),
 ])
 def test_bad_options_name_the_valid_choices(options, message):
     with pytest.raises(ValueError) as info:
@@ -101,9 +105,10 @@ def test_options_that_change_the_rewrite_change_the_cache_key():
     base = RunLoraOptions()
     keys = {base.rewrite_key()}
     for change in ({"criterion": "roofline"}, {"forward": "forward2"}, {"backward": "backward3"},
-                   {"dynamic_policy": "guard"}, {"rewrite": False}):
+                   {"dynamic_policy": "guard"}, {"rewrite": False}, {"forms": "direct"},
+                   {"forms": {"dB": "transposed"}}, {"forms": {"dB": "direct"}}):
         keys.add(RunLoraOptions(**change).rewrite_key())
-    assert len(keys) == 6
+    assert len(keys) == 9
 
 
 @pytest.mark.parametrize("criterion", ["flops", "roofline", "time"])

@@ -28,6 +28,16 @@ DEFAULT_IMPLS = ("eager", "inductor", "runlora", "frozen")
 KNOWN_IMPLS = ("eager", "inductor", "inductor-again", "runlora", "frozen")
 # runlora-<criterion>-unfused: runlora with fuse_siblings off, to time the sibling fusion by itself.
 UNFUSED_SUFFIX = "-unfused"
+# runlora-<criterion>-direct: every product in its default form (options forms="direct"), to time the
+# measured product forms (lora_rewrite/forms.py) by themselves.
+DIRECT_SUFFIX = "-direct"
+SUFFIXES = (UNFUSED_SUFFIX, DIRECT_SUFFIX)
+
+
+def _criterion_of(name: str) -> str:
+    for suffix in SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name.partition("-")[2]
 CPU_DEFAULT_MAX_SEQ_LEN = 256
 
 
@@ -74,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--impls", nargs="+", default=list(DEFAULT_IMPLS),
                      help="eager, inductor, runlora (one row per criterion), frozen; runlora-<criterion> also works; "
                           "inductor-again times stock Inductor a second time: its difference to inductor is noise; "
-                          "runlora-<criterion>-unfused runs without the sibling fusion")
+                          "runlora-<criterion>-unfused runs without the sibling fusion, "
+                          "runlora-<criterion>-direct with every product in its default form")
     how.add_argument("--criterions", nargs="+", default=["flops"], choices=CRITERIA,
                      help="runlora criteria, one row each; default flops")
     how.add_argument("--runlora-options", default=None, help="extra runlora options as JSON, e.g. "
@@ -125,11 +136,10 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
     from lora_rewrite.cost import CRITERIA
 
     for name in args.impls:
-        base, _, criterion = name.removesuffix(UNFUSED_SUFFIX).partition("-")
-        if name not in KNOWN_IMPLS and (base != "runlora" or criterion not in CRITERIA):
+        if name not in KNOWN_IMPLS and (not name.startswith("runlora-") or _criterion_of(name) not in CRITERIA):
             parser.error(f"unknown implementation {name!r}; known: {', '.join(KNOWN_IMPLS)}, "
                          f"runlora-<criterion> with a criterion of {', '.join(CRITERIA)}, "
-                         f"runlora-<criterion>{UNFUSED_SUFFIX}")
+                         f"runlora-<criterion>{UNFUSED_SUFFIX}, runlora-<criterion>{DIRECT_SUFFIX}")
 
 
 def implementation_names(impls, criterions) -> list[str]:
@@ -142,9 +152,11 @@ def implementation_names(impls, criterions) -> list[str]:
 
 
 def runlora_options(name: str, args, extra: dict) -> dict:
-    options = {"criterion": name.removesuffix(UNFUSED_SUFFIX).split("-", 1)[1], **extra}
+    options = {"criterion": _criterion_of(name), **extra}
     if name.endswith(UNFUSED_SUFFIX):
         options["fuse_siblings"] = False
+    if name.endswith(DIRECT_SUFFIX):
+        options["forms"] = "direct"
     if args.no_codegen:
         options["codegen"] = False
     return options

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from lora_rewrite import hardware
 from lora_rewrite.hardware import synchronize
 
 
@@ -208,21 +209,10 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_model_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(device: torch.device) -> dict:
     info = {
         "device": str(device),
-        "cpu": cpu_model_name(),
+        "cpu": hardware.cpu_model_name(),
         "cores": available_cores(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

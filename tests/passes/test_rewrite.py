@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from helpers import (activation_bytes_saved_for_backward, assert_close_to, count_compiled_flops,
                      float64_reference, joint_graph, peft_linear, run_joint, runlora, runlora_counters, step)
 from lora_rewrite import compat
+from lora_rewrite.forms import ROLES
 from lora_rewrite.passes.match import match_graph, match_site
 from lora_rewrite.passes.rewrite import RewriteError, rewrite_site
 from lora_rewrite.variants import BACKWARDS, FORWARD1, FORWARDS, Dims, ForwardResult
@@ -106,9 +107,15 @@ def shapes_for(seed: int):
     return i, o, rng.choice([2, 3, 4, 8])
 
 
+# Every product in its default form, and every product in its other form (lora_rewrite/forms.py).
+ALL_OTHER_FORMS = {role.name: role.forms[1] for role in ROLES}
+FORMS = {"direct": "direct", "other-forms": ALL_OTHER_FORMS}
+
+
+@pytest.mark.parametrize("forms", FORMS.values(), ids=FORMS.keys())
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("forward,backward", PAIRS, ids=PAIR_IDS)
-def test_forced_pair_matches_float64(forward, backward, layout):
+def test_forced_pair_matches_float64(forward, backward, layout, forms):
     lead, bias, bias_trainable, x_grad = LAYOUTS[layout]
     i, o, r = shapes_for(zlib.crc32(f"{forward.name}{backward.name}{layout}".encode()))
     model = peft_linear(i, o, r, alpha=3.0 * r, bias=bias, bias_trainable=bias_trainable)
@@ -116,7 +123,7 @@ def test_forced_pair_matches_float64(forward, backward, layout):
     grad_out = torch.randn(*lead, o)
     y64, dx64, grads64 = float64_reference(model, x, grad_out)
 
-    compiled = runlora(model, forward=forward.name, backward=backward.name)
+    compiled = runlora(model, forward=forward.name, backward=backward.name, forms=forms)
     y, dx, grads = step(compiled, x, grad_out)
 
     assert runlora_counters().get(f"chose_{forward.name}") == 1
@@ -132,25 +139,27 @@ def test_forced_pair_matches_float64(forward, backward, layout):
         assert_close_to(g64, grads[name], rtol=2e-6, what=name)
 
 
+@pytest.mark.parametrize("forms", FORMS.values(), ids=FORMS.keys())
 @pytest.mark.parametrize("x_grad", [True, False], ids=["xgrad", "noxgrad"])
 @pytest.mark.parametrize("forward,backward", PAIRS, ids=PAIR_IDS)
-def test_compiled_graphs_do_the_formula_flops(forward, backward, x_grad):
-    """FlopCounterMode over the partitioned forward and backward graphs = the variant's formula: the
-    bracketing is really the chosen one, and X·Aᵀ (or W + s·B·A) is recomputed where it says so."""
+def test_compiled_graphs_do_the_formula_flops(forward, backward, x_grad, forms):
+    """FlopCounterMode over the partitioned forward and backward graphs = the variant's formula, in every
+    form: the bracketing is really the chosen one, and X·Aᵀ (or W + s·B·A) is recomputed where it says so."""
     b, t, i, o, r = 3, 7, 24, 40, 5
     model = peft_linear(i, o, r)
     with count_compiled_flops() as flops:
-        compiled = runlora(model, forward=forward.name, backward=backward.name)
+        compiled = runlora(model, forward=forward.name, backward=backward.name, forms=forms)
         step(compiled, torch.randn(b, t, i, requires_grad=x_grad))
     d = Dims(b * t, i, o, r, needs_dx=x_grad)
     assert flops["forward"] == forward.flops(d)
     assert flops["backward"] == backward.flops(d)
 
 
+@pytest.mark.parametrize("forms", FORMS.values(), ids=FORMS.keys())
 @pytest.mark.parametrize("forward,backward", [("forward1", "backward1"), ("forward2", "backward5"),
                                               ("forward1", "backward3")])
 @pytest.mark.parametrize("x_grad", [True, False], ids=["xgrad", "noxgrad"])
-def test_x_a_is_not_saved_for_backward(forward, backward, x_grad):
+def test_x_a_is_not_saved_for_backward(forward, backward, x_grad, forms):
     """Activation bytes saved for backward drop by at least N·r·element_size against the same graph
     without the rewrite (rewrite=False: stock Inductor's decompositions, passes and partitioner)."""
     N_lead, i, o, r = (8, 16), 32, 48, 6
@@ -159,7 +168,7 @@ def test_x_a_is_not_saved_for_backward(forward, backward, x_grad):
     stock = runlora(model, rewrite=False)
     before = activation_bytes_saved_for_backward(model, lambda: stock(x))
     torch._dynamo.reset()
-    ours = runlora(model, forward=forward, backward=backward)
+    ours = runlora(model, forward=forward, backward=backward, forms=forms)
     after = activation_bytes_saved_for_backward(model, lambda: ours(x))
     N = N_lead[0] * N_lead[1]
     assert before - after >= N * r * x.element_size(), (before, after)
@@ -218,3 +227,30 @@ def test_widened_copies_of_x_and_narrowed_weight_copies_are_not_saved():
         ours = runlora(model)
         after = activation_bytes_saved_for_backward(model, lambda: ours(inp))
         assert before - after >= fewer, (type(model).__name__, before, after)
+
+
+def _relative_error(reference, actual) -> float:
+    reference, actual = reference.double(), actual.double()
+    return float((actual - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("forward,backward", [("forward1", "backward1"), ("forward2", "backward5"),
+                                              ("forward1", "backward3"), ("forward2", "backward4")])
+def test_a_tiny_scale_on_16_bit_adapters_costs_no_more_precision_than_eager(forward, backward, dtype):
+    """lora_alpha far below r (s = 2e-6): folding s into a 16-bit s·B would round it to a few bits (fp16
+    subnormals). The scale rides as addmm's alpha or on the [N,r] / [r,i] result instead: every
+    gradient is at least as close to float64 as eager PEFT's (within 1.5× plus a little rounding)."""
+    lead, i, o, r = (4, 16), 48, 40, 8
+    model = peft_linear(i, o, r, alpha=1.6e-5, dtype=dtype)
+    x = torch.randn(*lead, i, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(*lead, o, dtype=dtype)
+    y64, dx64, grads64 = float64_reference(model, x, grad_out)
+    y_eager, dx_eager, grads_eager = step(model, x, grad_out)
+    compiled = runlora(model, forward=forward, backward=backward)
+    y, dx, grads = step(compiled, x, grad_out)
+    assert runlora_counters().get(f"chose_{backward}") == 1
+    eps = torch.finfo(dtype).eps
+    for what, ref, eager, ours in [("Y", y64, y_eager, y), ("dX", dx64, dx_eager, dx)] + \
+            [(name, grads64[name], grads_eager[name], grads[name]) for name in grads64]:
+        assert _relative_error(ref, ours) <= 1.5 * _relative_error(ref, eager) + 4 * eps, what
