@@ -30,7 +30,9 @@ import torch
 from torch.fx import Graph, Node
 
 from lora_rewrite import debug
-from lora_rewrite.passes.fx import depends_on, dtype, erase_unused, made_by_runlora, same_shape, same_value, shape
+from lora_rewrite.forms import GRAD_A, XA, product
+from lora_rewrite.passes.fx import (PERMUTE, depends_on, dtype, erase_unused, is_call, made_by_runlora, same_shape,
+                                    same_value, shape)
 from lora_rewrite.passes.rewrite import GraphOps, RewrittenSite, SiteProducts
 from lora_rewrite.passes.site import Site
 
@@ -68,15 +70,16 @@ def _adapter_product(products: SiteProducts) -> Node | None:
 
 
 def _fused_adapter_product(ops: GraphOps, group: list[Member]) -> Node:
-    """X·[A₁;…;Aₘ]ᵀ [N,R]: one read of X for every sibling's X·Aₖᵀ."""  # 2·N·i·R FLOPs
+    """X·[A₁;…;Aₘ]ᵀ [N,R]: one read of X for every sibling's X·Aₖᵀ, in the form the first sibling's
+    X·Aᵀ was measured fastest in."""  # 2·N·i·R FLOPs
     a_stacked = ops.call(aten.cat.default, [member.site.forward.a for member, _ in group], 0)
-    return ops.mm(group[0][0].site.forward.x, ops.t(a_stacked))
+    return product(ops, XA, group[0][0].site.forward.x, ops.t(a_stacked))
 
 
 def _fused_adapter_weight_grad(ops: GraphOps, group: list[Member]) -> Node:
-    """[Z1₁,…,Z1ₘ]ᵀ·X [R,i]: one read of X for every sibling's dA."""  # 2·R·N·i FLOPs
+    """[Z1₁,…,Z1ₘ]ᵀ·X [R,i]: one read of X for every sibling's dA, in the first sibling's dA form."""  # 2·R·N·i FLOPs
     z1_side_by_side = ops.call(aten.cat.default, [member.products.z1 for member, _ in group], 1)
-    return ops.mm(ops.t(z1_side_by_side), group[0][0].site.forward.x)
+    return product(ops, GRAD_A, ops.t(z1_side_by_side), group[0][0].site.forward.x)
 
 
 # In the order they are fused. Forward products go before the group's first (X and the A's exist
@@ -111,7 +114,7 @@ def _fuse(graph: Graph, fake_mode, group: list[Member], order: dict, kind: Fusio
     if depends_on([arg for product in olds for arg in product.all_input_nodes], set(olds)):
         debug.log.debug("runlora did not fuse %s of %s: an input depends on a product it replaces", kind.name, names)
         return None
-    ops = GraphOps(graph, fake_mode)
+    ops = GraphOps(graph, fake_mode, group[0][0].forms)
     with ops.like(olds[-1] if kind.before_last else olds[0]):
         fused = kind.build(ops, group)
         slices, offset = [], 0
@@ -119,6 +122,14 @@ def _fuse(graph: Graph, fake_mode, group: list[Member], order: dict, kind: Fusio
             r = site.dims.r
             slices.append(ops.call(aten.slice.Tensor, fused, kind.stacked_dim, offset, offset + r))
             offset += r
+        # A product in its transposed form is a view of the product it transposes, and a later product
+        # may read that one directly ((Pᵀ)ᵀ is P: dB = (Z2ᵀ·dY)ᵀ reads the mm under Z2 = (A·Xᵀ)ᵀ).
+        # Those readers get the slice's transpose, so the per-site product goes entirely.
+        inner_readers = {}
+        for old, new in zip(olds, slices):
+            inner = old.args[0] if is_call(old, PERMUTE) and made_by_runlora(old.args[0]) else None
+            if inner is not None and any(user is not old for user in inner.users):
+                inner_readers[inner] = ops.t(new)
     for old, new in zip(olds, slices):
         if not same_shape(shape(new), shape(old)) or dtype(new) != dtype(old):
             ops.erase_created()
@@ -128,6 +139,9 @@ def _fuse(graph: Graph, fake_mode, group: list[Member], order: dict, kind: Fusio
     if any("recompute" in old.meta for old in olds):  # never saved, as the products it replaces
         for node in ops.created:
             ops.recompute(node)
+    for inner, transposed_slice in inner_readers.items():
+        inner.replace_all_uses_with(transposed_slice, delete_user_cb=lambda user: not (
+            is_call(user, PERMUTE) and user in olds))
     for old, new in zip(olds, slices):
         old.replace_all_uses_with(new)
         # The replaced product goes, with what runlora built only for it (the transposes of A or Z1).

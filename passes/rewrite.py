@@ -21,6 +21,7 @@ What is replaced, per site (see passes/site.py for the names):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,7 @@ class RewrittenSite:
     backward: Variant | None
     new_nodes: tuple[Node, ...]   # every node it added, in the order it added them
     products: SiteProducts
+    forms: dict = dataclasses.field(default_factory=dict)   # the product forms it was written in
 
 
 class GraphOps(FixedForms):
@@ -297,7 +299,8 @@ def rewrite_site(graph: Graph, fake_mode, site: Site, forward: Variant, backward
     # The site's old nodes that lost their last user go, and so do their inputs that only they used;
     # nodes runlora created (for this site or an earlier one) stay.
     erase_unused(graph, site.nodes(), erasable=lambda node: not made_by_runlora(node))
-    return RewrittenSite(site, forward, backward, tuple(ops.created), _products(forward_result, backward_result))
+    return RewrittenSite(site, forward, backward, tuple(ops.created), _products(forward_result, backward_result),
+                         dict(forms or {}))
 
 
 def _products(forward: ForwardResult, backward: BackwardResult | None) -> SiteProducts:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from helpers import (activation_bytes_saved_for_backward, assert_close_to, count_compiled_flops,
                      float64_reference, joint_graph, randomize_adapters, run_joint, runlora, runlora_counters, step)
 from lora_rewrite import compat, debug
+from lora_rewrite.forms import ROLES
 from lora_rewrite.passes.fuse import ADAPTER_PRODUCT, ADAPTER_WEIGHT_GRAD, fuse_siblings
 from lora_rewrite.passes.match import match_graph, match_site
 from lora_rewrite.passes.rewrite import rewrite_site
@@ -117,13 +118,19 @@ def test_fuse_siblings_reads_the_products_each_rewrite_recorded(backward):
         assert_close_to(want, got, rtol=1e-5)
 
 
+# Every product in its default form, and every product in its other form (the fused products follow
+# the first sibling's form).
+FORMS = {"direct": "direct", "other-forms": {role.name: role.forms[1] for role in ROLES}}
+
+
+@pytest.mark.parametrize("forms", FORMS.values(), ids=FORMS.keys())
 @pytest.mark.parametrize("forward,backward", PAIRS, ids=PAIR_IDS)
-def test_fused_siblings_match_float64_with_the_same_flops_and_fewer_products(forward, backward):
+def test_fused_siblings_match_float64_with_the_same_flops_and_fewer_products(forward, backward, forms):
     model = siblings_model()
     x = torch.randn(3, 7, I, requires_grad=True)
     grad_out = torch.randn(3, 7, O)
     y64, dx64, grads64 = float64_reference(model, x, grad_out)
-    forced = {"forward": forward.name, "backward": backward.name}
+    forced = {"forward": forward.name, "backward": backward.name, "forms": forms}
 
     (y, dx, grads), fused_matmuls, fused_flops, counters = compiled_step(model, x, grad_out, **forced)
     _, matmuls, flops, unfused_counters = compiled_step(model, x, grad_out, fuse_siblings=False, **forced)
