@@ -106,7 +106,8 @@ def first_steps(impls: Sequence[Implementation], device: torch.device, results: 
 
 
 def summarize_reports(reports) -> dict:
-    """{"sites": n, "skipped": {reason: n}, "choices": {"forward2/backward5 (i=512 o=512 r=8 N=1024)": count},
+    """{"sites": n, "skipped": {reason: n}, "choices": {"forward2/backward5 (i=512 o=512 r=8 N=1024; forms: dB
+    transposed)": count},
     "fused": {"groups": n, "products": n}} (sibling fusion)."""
     choices: dict[str, int] = {}
     skipped: dict[str, int] = {}
@@ -118,7 +119,7 @@ def summarize_reports(reports) -> dict:
             fused["products"] += len(f.modules)
         for s in report.sites:
             sites += 1
-            key = f"{s.forward}/{s.backward or '-'} (i={s.i} o={s.o} r={s.r} N={s.N_used})"
+            key = f"{s.forward}/{s.backward or '-'} (i={s.i} o={s.o} r={s.r} N={s.N_used}; forms: {s.forms_text()})"
             choices[key] = choices.get(key, 0) + 1
         for k in report.skipped:
             skipped[k.reason] = skipped.get(k.reason, 0) + 1
