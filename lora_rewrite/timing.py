@@ -20,4 +20,4 @@ def measured_seconds(variant: Variant, dims: Dims, *, dtype=None, device=None, d
                      weight_stored_as_io: bool = False, **_) -> float:
     """Seconds of one call of `variant`'s stage at `dims` (dX as `dx` says, when dims.needs_dx)."""
     shape = stage_shape(variant, dims, dx if dims.needs_dx else None, dtype or torch.float32, weight_stored_as_io)
-    return measure_stage(variant, shape, torch.device(device if device is not None else "cpu")).seconds
+    return measure_stage(variant, shape, torch.device(device if device is not None else "cpu"), stage_time=True).seconds

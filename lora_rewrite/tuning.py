@@ -5,8 +5,8 @@ of the site's exact shapes, dtype, device and weight layout through `MeasuringOp
 with a choice (lora_rewrite.forms) every candidate form is run and timed on the real operands, the
 fastest is kept — the default form unless another is MARGIN faster, so noise never flips a choice —
 and the stage goes on with that form's result, so each later product is timed on the layouts the
-earlier choices produce (a transposed Z1 is column-major when dA reads it). Then the whole stage is
-timed once more in the chosen forms: the "time" criterion compares variants by that number.
+earlier choices produce (a transposed Z1 is column-major when dA reads it). For the "time" criterion
+the whole stage is then timed once more in the chosen forms: it compares variants by that number.
 
 Results are kept for the process (a model's identical layers measure once) and in a persistent JSON
 file, `<Inductor's cache dir>/runlora/forms.json` (or RUNLORA_CACHE_DIR), keyed by the device's name
@@ -104,7 +104,7 @@ class StageShape:
 class StageMeasurement:
     forms: dict                                   # {role name: chosen form}
     candidates: dict = field(default_factory=dict)  # {role name: {form: seconds}}
-    seconds: float = 0.0                          # the whole stage in the chosen forms
+    seconds: float = 0.0                          # the whole stage in the chosen forms (0: not timed)
     from_disk: bool = False
 
 
@@ -183,10 +183,12 @@ class FormCache:
 CACHE = FormCache()
 
 
-def measure_stage(variant: Variant, shape: StageShape, device: torch.device) -> StageMeasurement:
-    """The forms `variant` runs fastest in at this shape, each candidate's time, and the stage's time."""
+def measure_stage(variant: Variant, shape: StageShape, device: torch.device, *,
+                  stage_time: bool = False) -> StageMeasurement:
+    """The forms `variant` runs fastest in at this shape and each candidate's time; with `stage_time`
+    (the "time" criterion) also the whole stage's time in those forms."""
     device = torch.device(device)
-    return _measure_stage(variant.name, shape, device.type, device.index, _repeats())
+    return _measure_stage(variant.name, shape, device.type, device.index, _repeats(), stage_time)
 
 
 def _repeats() -> int:
@@ -198,22 +200,25 @@ def _repeats() -> int:
 
 @functools.lru_cache(maxsize=None)
 def _measure_stage(name: str, shape: StageShape, device_type: str, device_index: int | None,
-                   repeats: int) -> StageMeasurement:
+                   repeats: int, stage_time: bool) -> StageMeasurement:
     from lora_rewrite.variants import BY_NAME
 
     device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
     key = shape.key(device)
     cached = CACHE.get(key)
-    if cached is not None:
+    if cached is not None and (cached.seconds > 0 or not stage_time):
         return cached
     # This runs inside the compiler, where fake tensors are active: time real ones.
     with compat.unset_fake_temporarily(), torch.no_grad():
         run = _stage_runner(BY_NAME[name], shape, device)
-        ops = MeasuringOps(device, repeats)
-        run(ops)
-        chosen = EagerOps(ops.forms)
-        seconds = time_call(lambda: run(chosen), device, repeats)
-    measurement = StageMeasurement(dict(ops.forms), ops.seconds, seconds)
+        if cached is None:
+            ops = MeasuringOps(device, repeats)
+            run(ops)
+            forms, candidates = dict(ops.forms), ops.seconds
+        else:
+            forms, candidates = cached.forms, cached.candidates
+        seconds = time_call(lambda: run(EagerOps(forms)), device, repeats) if stage_time else 0.0
+    measurement = StageMeasurement(forms, candidates, seconds)
     CACHE.put(key, measurement)
     return measurement
 

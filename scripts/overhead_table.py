@@ -13,6 +13,26 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
+
+from lora_rewrite.variants import BY_NAME, Dims
+
+CHOICE = re.compile(r"(forward\d)/(backward\d|-) \(i=(\d+) o=(\d+) r=(\d+) N=(\d+)")
+
+
+def adapter_flop_share(row: dict) -> float | None:
+    """The chosen variants' matmul FLOPs over the frozen layer's (forward X·Wᵀ and dX = dY·W, 4·N·i·o per
+    site), minus 1: the floor runlora/frozen could reach if every product ran at the frozen rate."""
+    ours = frozen = 0
+    for key, count in ((row.get("variants") or {}).get("choices") or {}).items():
+        m = CHOICE.match(key)
+        if m is None or m.group(2) == "-":
+            return None
+        i, o, r, n = (int(g) for g in m.groups()[2:])
+        d = Dims(n, i, o, r, True)
+        ours += count * (BY_NAME[m.group(1)].flops(d) + BY_NAME[m.group(2)].flops(d))
+        frozen += count * 4 * n * i * o
+    return ours / frozen - 1 if frozen else None
 
 
 def load_cases(paths: list[str]) -> dict[str, dict]:
@@ -37,6 +57,7 @@ def overheads(rows: dict, impl: str) -> dict | None:
         "aa": (again["median_ms"] / inductor["median_ms"] - 1) if again else None,
         "first_step_ratio": (ours["first_step_s"] / inductor["first_step_s"]
                              if ours.get("first_step_s") and inductor.get("first_step_s") else None),
+        "flop_share": adapter_flop_share(ours),
     }
 
 
@@ -52,7 +73,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     after, before = load_cases(args.after), load_cases(args.before)
     head = ["case", "Inductor overhead", "runlora overhead", "share of Inductor's", "speedup vs Inductor",
-            "A/A", "first step vs Inductor"]
+            "A/A", "adapter FLOP share", "runlora − share", "first step vs Inductor"]
     if before:
         head += ["before: Inductor overhead", "before: runlora overhead", "before: speedup"]
     print("| " + " | ".join(head) + " |")
@@ -66,6 +87,8 @@ def main(argv=None) -> None:
         share = now["runlora_overhead"] / now["inductor_overhead"] if now["inductor_overhead"] > 0 else None
         cells = [title, pct(now["inductor_overhead"]), pct(now["runlora_overhead"]),
                  "–" if share is None else f"{share:.2f}", f"{now['speedup']:.3f}×", pct(now["aa"]),
+                 pct(now["flop_share"]),
+                 "–" if now["flop_share"] is None else pct(now["runlora_overhead"] - now["flop_share"]),
                  "–" if now["first_step_ratio"] is None else f"{now['first_step_ratio']:.2f}×"]
         if before:
             old = overheads(before.get(title, {}), args.impl)

@@ -53,7 +53,10 @@ def test_every_role_a_variant_emits_is_measured_on_real_tensors(variant, tmp_pat
     for role, times in m.candidates.items():
         assert set(times) == set(BY_ROLE[role]) and all(t > 0 for t in times.values())
         assert m.forms[role] in times
-    assert m.seconds > 0 and not m.from_disk
+    assert m.seconds == 0 and not m.from_disk    # the whole stage is timed only for the "time" criterion
+    with FakeTensorMode():
+        timed = tuning.measure_stage(variant, _shape(variant), torch.device("cpu"), stage_time=True)
+    assert timed.seconds > 0 and timed.forms == m.forms and timed.candidates == m.candidates
 
 
 BY_ROLE = {name: role.forms for name, role in ROLE_BY_NAME.items()}
