@@ -40,7 +40,10 @@ def load_cases(paths: list[str]) -> dict[str, dict]:
     for path in paths:
         with open(path) as f:
             for case in json.load(f)["cases"]:
-                cases[case["title"]] = {row["implementation"]: row for row in case["rows"]}
+                settings = case.get("settings", {})
+                title = case["title"] + (f", dropout {settings['lora_dropout']:g}" if settings.get("lora_dropout") else "") \
+                    + (", fp32 adapters" if settings.get("fp32_adapters") else "")
+                cases[title] = {row["implementation"]: row for row in case["rows"]}
     return cases
 
 

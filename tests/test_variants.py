@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from lora_rewrite.forms import ROLES
 from lora_rewrite.variants import (BACKWARDS, BY_NAME, FORWARDS, BackwardOperands, Dims, DxMode, EagerOps,
                                    ForwardOperands, SiteFacts, autograd_backward_gemms)
 
@@ -119,13 +120,19 @@ def _counted_flops(fn) -> int:
     return counter.get_total_flops()
 
 
+# Every product in its default form, and every product in its other form (lora_rewrite/forms.py): a
+# form changes orientation and folding, never the FLOPs.
+FORMS = {"default": {}, "all-other": {role.name: role.forms[1] for role in ROLES}}
+
+
+@pytest.mark.parametrize("forms", FORMS.values(), ids=FORMS.keys())
 @pytest.mark.parametrize("variant", FORWARDS + BACKWARDS, ids=lambda v: v.name)
-def test_flop_counter_agrees_with_the_product_list(variant):
+def test_flop_counter_agrees_with_the_product_list(variant, forms):
     """The function computes exactly the products its list declares (the base X·Wᵀ, which forward1
-    accumulates onto, is computed outside it)."""
+    accumulates onto, is computed outside it), in every form."""
     N, i, o, r = 37, 24, 40, 6
     t = {k: v.float() for k, v in tensors(N, i, o, r).items()}
-    ops = EagerOps()
+    ops = EagerOps(forms)
     for needs_dx in (True, False) if variant.stage == "backward" else (True,):
         d = Dims(N, i, o, r, needs_dx)
         if variant.stage == "forward":
