@@ -35,6 +35,7 @@ import statistics
 import sys
 import sysconfig
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,7 +147,10 @@ def build_model(args):
     torch.manual_seed(args.seed)
     base = LlamaForCausalLM(config)
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGET_MODULES)
-    return get_peft_model(base, lora).train()
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing`: their mismatch, not this job's.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(base, lora).train()
 
 
 def make_optimizer(model, args):
