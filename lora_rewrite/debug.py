@@ -63,7 +63,7 @@ class SiteReport:
     module_key: str | None = None            # Dynamo's key of the module (its id): explain() resolves it
     forms: dict = field(default_factory=dict)         # {role: form} (lora_rewrite/forms.py); unnamed: default
     form_seconds: dict = field(default_factory=dict)  # {role: {form: measured seconds}}
-    forms_source: str = "direct"                      # measured / measured (kept on disk) / direct / forced
+    forms_source: str = "direct"                      # measured [(kept on disk) / : nothing to choose] / direct / forced
 
     def forms_text(self) -> str:
         """The forms that differ from each role's default, e.g. "dB transposed, Z1_in_dX folded"."""

@@ -61,12 +61,33 @@ def form_of(forms: FormPlan, role: Role) -> str:
     return forms.get(role.name, role.forms[0])
 
 
-def product(ops, role: Role, p, q):
-    """C = P·Q in the form `ops` picks for `role`: direct P·Q, or transposed (Qᵀ·Pᵀ)ᵀ."""  # 2·m·k·n either way
+def scaled_mm(ops, p, q, s=1):
+    """s·(P·Q) as one BLAS call: `addmm(Q[0], P, Q, beta=0, alpha=s)` (beta = 0: the first argument, a
+    row of Q that broadcasts to [m,n], is never read), so a Python scale costs no elementwise pass and
+    no kernel of its own; P·Q where s is 1; (P·Q)·s for a tensor (0-d) scale."""  # 2·m·k·n FLOPs
+    if _is_one(s):
+        return ops.mm(p, q)
+    if is_number(s):
+        return ops.addmm(ops.row(q, 0), p, q, alpha=s, beta=0)
+    return ops.scale(ops.mm(p, q), s)
+
+
+def product(ops, role: Role, p, q, s=1):
+    """C = s·P·Q in the form `ops` picks for `role`: direct s·P·Q, or transposed (s·Qᵀ·Pᵀ)ᵀ, the
+    scale inside the BLAS call (`scaled_mm`)."""  # 2·m·k·n either way
     return ops.pick(role, {
-        DIRECT: lambda: ops.mm(p, q),
-        TRANSPOSED: lambda: ops.t(ops.mm(ops.t(q), ops.t(p))),
+        DIRECT: lambda: scaled_mm(ops, p, q, s),
+        TRANSPOSED: lambda: ops.t(scaled_mm(ops, ops.t(q), ops.t(p), s)),
     })
+
+
+def is_number(s) -> bool:
+    """A Python scale rides inside a product as addmm's alpha; a tensor scale (a 0-d node) cannot."""
+    return isinstance(s, (int, float)) and not isinstance(s, bool)
+
+
+def _is_one(s) -> bool:
+    return is_number(s) and s == 1
 
 
 def check_forms(forms: Mapping[str, str]) -> None:

@@ -235,6 +235,23 @@ def _is_param(node: Any) -> bool:
     return isinstance(node, Node) and node.op == "placeholder" and "tangents" not in str(node.target)
 
 
+def _ignores_first_input(node: Any) -> bool:
+    """addmm(c, a, b, beta=0): c is never read (runlora's s·(a·b) as one BLAS call)."""
+    return isinstance(node, Node) and op_name(node) == "addmm" and node.kwargs.get("beta", 1) == 0
+
+
+def _read_inputs(node: Node) -> list[Node]:
+    """The inputs whose values `node` reads."""
+    if _ignores_first_input(node):
+        return [a for a in node.args[1:3] if isinstance(a, Node)]
+    return node.all_input_nodes
+
+
+def _read_only_as_ignored_input(node: Node) -> bool:
+    """A value only ever passed where it is not read (a beta = 0 addmm's first argument)."""
+    return bool(node.users) and all(_ignores_first_input(u) and node not in u.args[1:3] for u in node.users)
+
+
 def _is_tangent(node: Any) -> bool:
     return isinstance(node, Node) and node.op == "placeholder" and "tangents" in str(node.target)
 
@@ -373,14 +390,15 @@ def _expression(node, roles, core, depth, memo):
         return transpose(sub(args[0], 0))
     if op in VIEW_OPS:
         return sub(args[0], 0)
-    alpha = node.kwargs.get("alpha", 1)
-    if node.kwargs.get("beta", 1) != 1 or not isinstance(alpha, (int, float)) or (alpha != 1 and op != "addmm"):
+    alpha, beta = node.kwargs.get("alpha", 1), node.kwargs.get("beta", 1)
+    if beta not in (0, 1) or not isinstance(alpha, (int, float)) or (alpha != 1 and op != "addmm"):
         return Opaque(node.name)
     if op == "mm":
         return Prod(sub(args[0]), sub(args[1]))
-    if op == "addmm":   # c + alpha·(a·b): runlora passes the scale as alpha
+    if op == "addmm":   # beta·c + alpha·(a·b): runlora passes the scale as alpha; beta = 0 ignores c
         product = Prod(sub(args[1]), sub(args[2]))
-        return plus(sub(args[0]), product if alpha == 1 else Scaled(Num(float(alpha)), product))
+        product = product if alpha == 1 else Scaled(Num(float(alpha)), product)
+        return product if beta == 0 else plus(sub(args[0]), product)
     if op == "cat" and (list(args) + [0])[1] in (1, -1) and isinstance(args[0], (list, tuple)):
         return Cols(tuple(sub(piece) for piece in args[0]))
     if op == "slice":
@@ -453,11 +471,11 @@ def capture(core_nodes: Iterable[Any], roles: dict | None = None) -> SitePicture
     core_set = set(core)
     roles = find_roles(core) if roles is None else roles
     picture = SitePicture(roles=roles)
-    drawn = [n for n in core if not is_view(n)]
+    drawn = [n for n in core if not is_view(n) and not _read_only_as_ignored_input(n)]
     drawn_set = set(drawn)
     known = dict(roles)   # and each input no role expresses, by its own name, as its box is labelled
     for n in drawn:
-        for a in n.all_input_nodes:
+        for a in _read_inputs(n):
             while a not in drawn_set and a not in known and is_view(a):
                 a = a.args[0]
             if a not in drawn_set and a not in known and contains(expression(a, roles, core_set), Opaque):
@@ -485,7 +503,7 @@ def capture(core_nodes: Iterable[Any], roles: dict | None = None) -> SitePicture
         picture.nodes[n.name] = PictureNode("op", expression(n, known, core_set, memo=memo), _shape(n), _dtype(n),
                                             [n.name])
     for n in drawn:
-        for a in n.all_input_nodes:
+        for a in _read_inputs(n):
             edge = (source_key(a), n.name)
             if edge not in picture.edges:
                 picture.edges.append(edge)
@@ -495,7 +513,14 @@ def capture(core_nodes: Iterable[Any], roles: dict | None = None) -> SitePicture
             while src not in drawn_set and is_view(src):
                 src = src.args[0]
             if src.name in picture.nodes:
-                picture.nodes[src.name].leaves = True
+                drawn_node = picture.nodes[src.name]
+                drawn_node.leaves = True
+                if src is not n and len(src.users) == 1 and _shape(n) is not None and _shape(src) is not None \
+                        and len(_shape(n)) == 2 and tuple(_shape(n)) == tuple(reversed(_shape(src))):
+                    # A product in its transposed form leaves as its transposed view: drawn as what
+                    # leaves (dB = s·(dYᵀ·Z2), not s·(Z2ᵀ·dY)).
+                    drawn_node.expr = expression(n, known, core_set, memo=memo)
+                    drawn_node.shape = _shape(n)
     return picture
 
 

@@ -17,7 +17,8 @@ returns its result together with the intermediate products later passes reuse (`
 says why the variant would be wrong there, or None. The product list is the cost formula: FLOPs are
 Σ 2·m·k·n (torch.utils.flop_counter's convention, matmuls only) and bytes are each product's operands
 read once and result written once. The scale rides inside a product as addmm's alpha where it is a
-Python number, else on a rank-sized factor or result (s·B is o×r; with 16-bit adapters s·(dY·B), see
+Python number (`lora_rewrite.forms.scaled_mm`: no elementwise pass, no kernel of its own to compile);
+a tensor scale goes on a rank-sized factor or result (s·B is o×r; with 16-bit adapters s·(dY·B), see
 `_z1`), never on an [N,o] or [N,i] tensor; sums are accumulated inside the matmul (`addmm`) rather
 than by a separate pass.
 
@@ -41,7 +42,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from lora_rewrite.forms import FOLDED, GRAD_A, GRAD_B, SEPARATE, XA, Z1, Z1_IN_DX, Z2, ZT, FixedForms, FormPlan, product
+from lora_rewrite.forms import (FOLDED, GRAD_A, GRAD_B, SEPARATE, XA, Z1, Z1_IN_DX, Z2, ZT, FixedForms, FormPlan,
+                                is_number, product, scaled_mm)
 
 aten = torch.ops.aten
 
@@ -186,10 +188,15 @@ class EagerOps(FixedForms):
     def mm(self, a, b):
         return aten.mm.default(a, b)
 
-    def addmm(self, c, a, b, alpha=1):
-        if alpha == 1:
+    def addmm(self, c, a, b, alpha=1, beta=1):
+        if alpha == 1 and beta == 1:
             return aten.addmm.default(c, a, b)
-        return aten.addmm.default(c, a, b, alpha=alpha)
+        if beta == 1:
+            return aten.addmm.default(c, a, b, alpha=alpha)
+        return aten.addmm.default(c, a, b, beta=beta, alpha=alpha)
+
+    def row(self, a, index):
+        return aten.select.int(a, 0, index)
 
     def t(self, a):
         return aten.permute.default(a, [1, 0])
@@ -219,11 +226,6 @@ class EagerOps(FixedForms):
         return w_io.is_contiguous()
 
 
-def _is_number(s) -> bool:
-    """A Python scale rides inside a product as addmm's alpha; a tensor scale (a 0-d node) cannot."""
-    return isinstance(s, (int, float)) and not isinstance(s, bool)
-
-
 def _scaled_b(ops, p):
     """s·B [o,r]: the scale rides on the rank-sized factor. Rebuilt in the backward, never saved."""
     return ops.recompute(ops.scale(p.b, p.s))
@@ -237,7 +239,7 @@ def _merged_weight(ops, p):
     """W′ = W + s·B·A [o,i], built in W's stored layout: addmm(W, B, A, alpha=s) for nn.Linear's [o,i];
     for a weight stored as [i,o] (Conv1D) built as that [i,o] and returned as a transposed view. Never a
     strided copy of W, never saved for backward."""  # 2·o·r·i FLOPs
-    alpha, b = (p.s, p.b) if _is_number(p.s) else (1, _scaled_b(ops, p))
+    alpha, b = (p.s, p.b) if is_number(p.s) else (1, _scaled_b(ops, p))
     if ops.stored_as_io(p.w_io):
         return ops.recompute(ops.t(ops.addmm(p.w_io, ops.t(p.a), ops.t(b), alpha=alpha)))
     return ops.recompute(ops.addmm(ops.t(p.w_io), b, p.a, alpha=alpha))
@@ -248,7 +250,7 @@ def _merged_weight(ops, p):
 def factored_forward(ops, p: ForwardOperands) -> ForwardResult:
     """forward1: Y = X·Wᵀ + s·(X·Aᵀ)·Bᵀ — the adapter product accumulated onto the base result, s as addmm's alpha."""
     xa = ops.recompute(product(ops, XA, p.x, ops.t(p.a)))
-    if _is_number(p.s):
+    if is_number(p.s):
         return ForwardResult(ops.addmm(p.base, xa, ops.t(p.b), alpha=p.s), xa=xa)
     return ForwardResult(ops.addmm(p.base, xa, ops.t(_scaled_b(ops, p))), xa=xa)
 
@@ -308,8 +310,11 @@ FORWARD2 = Variant("forward2", "merged weight: X·(W + s·B·A)ᵀ", "Y = X·(W 
 #   Z1 = s·dY·B [N,r]    Z2 = X·Aᵀ [N,r]    Zt = dYᵀ·X [o,i]    W + s·B·A [o,i] (built as its [i,o] transpose)
 
 def _z1(ops, p: BackwardOperands):
-    """Z1 = s·dY·B [N,r]. With 16-bit adapters the scale goes on the product's result, not into B: a
-    small s would round s·B to a few bits (or to zero) in 16-bit, where eager PEFT scales dY itself."""
+    """Z1 = s·dY·B [N,r], the scale as the product's alpha. A tensor scale goes on B (s·B, o×r), or
+    with 16-bit adapters on the product's result: a small s would round s·B to a few bits (or to zero)
+    in 16-bit, where eager PEFT scales dY itself."""
+    if is_number(p.s):
+        return product(ops, Z1, p.dy, p.b, p.s)
     if ops.is_half(p.b):
         return ops.scale(product(ops, Z1, p.dy, p.b), p.s)
     return product(ops, Z1, p.dy, _scaled_b(ops, p))
@@ -343,9 +348,9 @@ def _z1_and_input_grad(ops, p: BackwardOperands, merged_weight=None):
 
 
 def _grad_a_through_zt(ops, p: BackwardOperands, zt):
-    """dA = (s·B)ᵀ·Zt [r,i]; with 16-bit adapters s·(Bᵀ·Zt), for the reason `_z1` gives."""
-    if ops.is_half(p.b):
-        return ops.scale(ops.mm(ops.t(p.b), zt), p.s)
+    """dA = s·Bᵀ·Zt [r,i], the scale as alpha; a tensor scale as `_z1` places it."""
+    if is_number(p.s) or ops.is_half(p.b):
+        return scaled_mm(ops, ops.t(p.b), zt, p.s)
     return ops.mm(ops.t(_scaled_b(ops, p)), zt)
 
 
@@ -382,7 +387,7 @@ def backward1(ops, p: BackwardOperands) -> BackwardResult:
     z1, grad_x = _z1_and_input_grad(ops, p)
     z2 = ops.recompute(product(ops, Z2, p.x, ops.t(p.a)))
     grad_a = product(ops, GRAD_A, ops.t(z1), p.x)
-    grad_b = ops.scale(product(ops, GRAD_B, ops.t(p.dy), z2), p.s)
+    grad_b = product(ops, GRAD_B, ops.t(p.dy), z2, p.s)
     return BackwardResult(grad_a, grad_b, grad_x, z1=z1, xa=z2)
 
 
@@ -396,7 +401,7 @@ def backward2(ops, p: BackwardOperands) -> BackwardResult:
     z1, grad_x = _z1_and_input_grad(ops, p)
     zt = product(ops, ZT, ops.t(p.dy), p.x)
     grad_a = product(ops, GRAD_A, ops.t(z1), p.x)
-    grad_b = ops.scale(ops.mm(zt, ops.t(p.a)), p.s)
+    grad_b = scaled_mm(ops, zt, ops.t(p.a), p.s)
     return BackwardResult(grad_a, grad_b, grad_x, z1=z1)
 
 
@@ -409,7 +414,7 @@ def backward3(ops, p: BackwardOperands) -> BackwardResult:
     """backward3 (Algorithm 3): dA = (s·B)ᵀ·Zt, dB = s·Zt·Aᵀ, dX = dY·W + Z1·A, with Zt = dYᵀ·X."""
     zt = product(ops, ZT, ops.t(p.dy), p.x)
     grad_a = _grad_a_through_zt(ops, p, zt)
-    grad_b = ops.scale(ops.mm(zt, ops.t(p.a)), p.s)
+    grad_b = scaled_mm(ops, zt, ops.t(p.a), p.s)
     grad_x = _z1_and_input_grad(ops, p)[1] if p.dx else None
     return BackwardResult(grad_a, grad_b, grad_x)
 
@@ -424,7 +429,7 @@ def backward4(ops, p: BackwardOperands) -> BackwardResult:
     """backward4 (Algorithm 4): dA = (s·B)ᵀ·Zt, dB = s·Zt·Aᵀ, dX = dY·(W + s·B·A)."""
     zt = product(ops, ZT, ops.t(p.dy), p.x)
     grad_a = _grad_a_through_zt(ops, p, zt)
-    grad_b = ops.scale(ops.mm(zt, ops.t(p.a)), p.s)
+    grad_b = scaled_mm(ops, zt, ops.t(p.a), p.s)
     grad_x = ops.mm(p.dy, _merged_weight(ops, p)) if p.dx else None
     return BackwardResult(grad_a, grad_b, grad_x)
 
@@ -439,7 +444,7 @@ def backward5(ops, p: BackwardOperands) -> BackwardResult:
     z1, grad_x = _z1_and_input_grad(ops, p, _merged_weight(ops, p) if p.dx else None)
     z2 = ops.recompute(product(ops, Z2, p.x, ops.t(p.a)))
     grad_a = product(ops, GRAD_A, ops.t(z1), p.x)
-    grad_b = ops.scale(product(ops, GRAD_B, ops.t(p.dy), z2), p.s)
+    grad_b = product(ops, GRAD_B, ops.t(p.dy), z2, p.s)
     return BackwardResult(grad_a, grad_b, grad_x, z1=z1, xa=z2)
 
 

@@ -131,7 +131,7 @@ def plan_forms(site: Site, forward: Choice, backward: Choice | None, dims: Dims,
     context = _stage_context(site)
     forms: dict = {}
     seconds: dict = {}
-    from_disk = True
+    from_disk = []   # per stage with something to choose (forward2 has nothing: it is never run)
     for choice in (forward, backward):
         if choice is None:
             continue
@@ -140,8 +140,11 @@ def plan_forms(site: Site, forward: Choice, backward: Choice | None, dims: Dims,
         measured = measure_stage(choice.variant, shape, device)
         forms.update(measured.forms)
         seconds.update(measured.candidates)
-        from_disk = from_disk and measured.from_disk
-    return forms, seconds, "measured (kept on disk)" if from_disk else "measured"
+        if measured.candidates:
+            from_disk.append(measured.from_disk)
+    if not from_disk:
+        return forms, seconds, "measured: nothing to choose"
+    return forms, seconds, "measured (kept on disk)" if all(from_disk) else "measured"
 
 
 def _legality(variants, facts: SiteFacts) -> dict[Variant, str | None]:

@@ -126,10 +126,15 @@ class GraphOps(FixedForms):
     def mm(self, a, b):
         return self.call(aten.mm.default, a, b)
 
-    def addmm(self, c, a, b, alpha=1):
-        if alpha == 1:
+    def addmm(self, c, a, b, alpha=1, beta=1):
+        if alpha == 1 and beta == 1:
             return self.call(aten.addmm.default, c, a, b)
-        return self.call(aten.addmm.default, c, a, b, alpha=alpha)
+        if beta == 1:
+            return self.call(aten.addmm.default, c, a, b, alpha=alpha)
+        return self.call(aten.addmm.default, c, a, b, beta=beta, alpha=alpha)
+
+    def row(self, a, index):
+        return self.call(aten.select.int, a, 0, index)
 
     def t(self, a):
         # (aᵀ)ᵀ is a itself: a product form never stacks two transposed views of one tensor.

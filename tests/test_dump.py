@@ -70,8 +70,15 @@ def test_site_pictures_label_roles_not_aten_names(monkeypatch, tmp_path):
     assert {"X", "W", "A", "B", "bias + X·Wᵀ", "dY", "X·Aᵀ", "Z1 = (s·dY)·B", "dA = Z1ᵀ·X", "dB = (s·dYᵀ)·(X·Aᵀ)",
             "Y = bias + X·Wᵀ + s·((X·Aᵀ)·Bᵀ)", "dX = Z1·A + dY·W"} <= as_traced
     rewritten = main_labels(after, site)
-    assert {"X", "W", "A", "B", "bias", "dY", "s·B", "W′ = W + s·(B·A)", "Y = bias + X·W′ᵀ",
-            "Z1 = dY·(s·B)", "dA = Z1ᵀ·X", "dB = s·(dYᵀ·(X·Aᵀ))", "dX = dY·W′"} <= rewritten
+    # The scale rides inside the products as alpha: no s·B box, and the beta = 0 addmm's unread first
+    # argument (a row of B) is neither drawn nor an edge into dB.
+    assert {"X", "W", "A", "B", "bias", "dY", "W′ = W + s·(B·A)", "Y = bias + X·W′ᵀ",
+            "Z1 = s·(dY·B)", "dA = Z1ᵀ·X", "dB = s·(dYᵀ·(X·Aᵀ))", "dX = dY·W′"} <= rewritten
+    assert "s·B" not in rewritten
+    label = {key: pictures.node_label(n, site.scale, {"i": site.i, "o": site.o, "r": site.r})[0]
+             for key, n in after.nodes.items()}
+    into_grad_b = {label[src] for src, dst in after.edges if label[dst].startswith("dB")}
+    assert into_grad_b == {"dY", "X·Aᵀ"}, into_grad_b
     for label in as_traced | rewritten:
         assert not ATEN_NAME.search(label), label
     roles = {n.kind for n in after.nodes.values() if n.kind != "op"}

@@ -110,10 +110,43 @@ def test_the_fold_reads_dy_once_for_dx_and_z1():
             products.append((tuple(a.shape), tuple(b.shape)))
             return super().mm(a, b)
 
+        def addmm(self, c, a, b, alpha=1, beta=1):
+            products.append((tuple(a.shape), tuple(b.shape)))
+            return super().addmm(c, a, b, alpha=alpha, beta=beta)
+
     p = BackwardOperands(dy=t["dy"], x=t["x"], a=t["a"], b=t["b"], s=2.0, w_io=t["w"].T)
     BACKWARDS[0].compute(Counting({Z1_IN_DX.name: FOLDED}), p)
     reading_dy = [pq for pq in products if pq[0] == (N, o)]
     assert reading_dy == [((N, o), (o, i + r))]
+
+
+@pytest.mark.parametrize("forms", [ALL_DEFAULT, ALL_OTHER], ids=["default", "all-other"])
+@pytest.mark.parametrize("variant", FORWARDS + BACKWARDS, ids=lambda v: v.name)
+def test_a_python_scale_rides_inside_the_products(variant, forms):
+    """s as addmm's alpha (beta = 0 where nothing is added): no tensor is scaled on its own — an
+    elementwise pass, and one more kernel for Inductor to compile — except s·B where the fold
+    concatenates it beside W anyway."""
+    N, i, o, r = 29, 12, 16, 2
+    t = {k: v.float() for k, v in tensors(N, i, o, r).items()}
+    scaled = []
+
+    class ScaleWatching(EagerOps):
+        def scale(self, a, s):
+            scaled.append(tuple(a.shape))
+            return super().scale(a, s)
+
+    ops = ScaleWatching(forms)
+    if variant.stage == "forward":
+        base = t["x"] @ t["w"].T + t["bias"]
+        variant.compute(ops, ForwardOperands(x=t["x"], a=t["a"], b=t["b"], s=2.0, w_io=t["w"].T, bias=t["bias"],
+                                             base=base))
+        assert scaled == []
+        return
+    variant.compute(ops, BackwardOperands(dy=t["dy"], x=t["x"], a=t["a"], b=t["b"], s=2.0, w_io=t["w"].T,
+                                          dx=DxMode.TOTAL))
+    folded = forms.get(Z1_IN_DX.name) == FOLDED and variant.name in ("backward1", "backward2", "backward3",
+                                                                    "backward5")
+    assert scaled == ([(o, r)] if folded else [])
 
 
 def test_forced_forms_are_checked_with_the_valid_choices_named():

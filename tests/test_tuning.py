@@ -32,6 +32,50 @@ def test_the_default_form_keeps_its_place_unless_another_is_clearly_faster():
     assert ops.forms == {"test": DIRECT}
 
 
+def test_a_long_call_is_timed_twice_in_all_and_a_short_one_after_a_warm_up():
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(tuning.LONG_CALL_S * 1.2)
+        return len(calls)
+
+    seconds, result = tuning.time_call(slow, torch.device("cpu"), repeats=5)
+    assert len(calls) == 2 and result == 2 and seconds >= tuning.LONG_CALL_S
+    calls.clear()
+    seconds, result = tuning.time_call(lambda: calls.append(1) or len(calls), torch.device("cpu"), repeats=5)
+    assert len(calls) == 6 and result == 6
+
+
+def test_the_chosen_candidate_is_not_run_again_after_its_timing():
+    calls = {DIRECT: 0, TRANSPOSED: 0}
+
+    def counted(form, seconds):
+        def run():
+            calls[form] += 1
+            time.sleep(seconds)
+            return form
+        return run
+
+    ops = tuning.MeasuringOps(torch.device("cpu"), repeats=3)
+    assert ops.pick(ROLE, {DIRECT: counted(DIRECT, 0.01), TRANSPOSED: counted(TRANSPOSED, 0.001)}) == TRANSPOSED
+    assert calls == {DIRECT: 4, TRANSPOSED: 4}   # a warm-up and 3 timed calls each, nothing more
+
+
+def test_a_stage_with_nothing_to_choose_is_not_run(tmp_path, monkeypatch):
+    """forward2 has no product with a choice: measuring its forms costs no compile time."""
+    monkeypatch.setattr(tuning, "CACHE", tuning.FormCache(tmp_path))
+    tuning._measure_stage.cache_clear()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a stage with nothing to choose was timed")
+
+    monkeypatch.setattr(tuning, "time_call", fail)
+    m = tuning.measure_stage(BY_NAME["forward2"], _shape(BY_NAME["forward2"], N=4096, i=1024, o=1024),
+                             torch.device("cpu"))
+    assert m.forms == {} and m.candidates == {} and m.seconds == 0
+
+
 def _shape(variant, N=64, i=32, o=48, r=4, dx=DxMode.TOTAL, conv1d=False):
     return tuning.stage_shape(variant, Dims(N, i, o, r), dx, torch.float32, conv1d)
 

@@ -18,7 +18,7 @@ layer() {  # name, then runlora-bench layer arguments
     $BEFORE_BENCH --no-progress --layer "$@" --impls $BEFORE_IMPLS -o "$OUT/before_$name" > "$OUT/before_$name.log" 2>&1
   fi
 }
-STAGES=${STAGES:-layers dropout compile models}
+STAGES=${STAGES:-layers dropout compile models models_more}
 if [[ " $STAGES " == *" layers "* ]]; then
 EXTRA_IMPLS="runlora-time" layer sq1024_n4096 --in 1024 --tokens 4096 --rank 8 16 64 256
 layer sq1024_n1024_8192 --in 1024 --tokens 1024 8192 --rank 16
@@ -53,5 +53,11 @@ model() {  # name, then runlora-bench model arguments (frozen, inductor twice an
 if [[ " $STAGES " == *" models "* ]]; then
 model llama_60m_r16 -m llama_60m --n_batch 8 --seq_len 512 -r 16
 model llama_60m_r128 -m llama_60m --n_batch 8 --seq_len 512 -r 128
+fi
+# The rest of the model matrix (after only: the before checkout was not run for these).
+if [[ " $STAGES " == *" models_more "* ]]; then
+BEFORE_BENCH= model llama_130m_r16 -m llama_130m --n_batch 8 --seq_len 512 -r 16
+BEFORE_BENCH= model opt_125m_r16 -m opt_125m --n_batch 8 --seq_len 512 -r 16
+BEFORE_BENCH= model llama_130m_r128 -m llama_130m --n_batch 8 --seq_len 512 -r 128
 fi
 echo ALL_DONE > "$OUT/all_done"
