@@ -17,7 +17,9 @@ from lora_rewrite.variants import Dims, DxMode, Variant
 
 
 def measured_seconds(variant: Variant, dims: Dims, *, dtype=None, device=None, dx: DxMode | None = DxMode.TOTAL,
-                     weight_stored_as_io: bool = False, **_) -> float:
-    """Seconds of one call of `variant`'s stage at `dims` (dX as `dx` says, when dims.needs_dx)."""
-    shape = stage_shape(variant, dims, dx if dims.needs_dx else None, dtype or torch.float32, weight_stored_as_io)
+                     weight_stored_as_io: bool = False, dx_in_rows: bool = False, **_) -> float:
+    """Seconds of one call of `variant`'s stage at `dims` (dX as `dx` says, when dims.needs_dx; in rows
+    where it leaves the graph, `dx_in_rows`)."""
+    shape = stage_shape(variant, dims, dx if dims.needs_dx else None, dtype or torch.float32, weight_stored_as_io,
+                        dx_in_rows)
     return measure_stage(variant, shape, torch.device(device if device is not None else "cpu"), stage_time=True).seconds

@@ -41,7 +41,7 @@ MARGIN = 0.03           # another form must be 3 % faster than the default to be
 ENV_CACHE_DIR = "RUNLORA_CACHE_DIR"
 ENV_REPEATS = "RUNLORA_TIME_REPEATS"
 CACHE_FILE = "forms.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2     # 2: the key holds dx_in_rows
 LONG_CALL_S = 0.05      # a call this long is timed 3 times at most: its median is already stable
 
 
@@ -117,11 +117,12 @@ class StageShape:
     dx: str | None               # DxMode value, or None: X needs no gradient
     dtype: torch.dtype
     weight_stored_as_io: bool    # W stored as [i,o] (Conv1D) rather than nn.Linear's [o,i]
+    dx_in_rows: bool = False     # dX leaves the graph and must be in rows (BackwardOperands.dx_in_rows)
 
     def key(self, device: torch.device) -> str:
         return json.dumps([CACHE_VERSION, hardware.device_description(device), torch.__version__,
                            str(self.dtype), self.variant, self.N, self.i, self.o, self.r, self.dx,
-                           self.weight_stored_as_io])
+                           self.weight_stored_as_io, self.dx_in_rows])
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ def _stage_runner(variant: Variant, shape: StageShape, device: torch.device) -> 
         return lambda ops: variant.compute(ops, ForwardOperands(x=x, a=a, b=b, s=2.0,
                                                                 base=ops.addmm(bias, x, w_io)))
     operands = BackwardOperands(dy=rand(n, o), x=x, a=a, b=b, s=2.0, w_io=w_io,
-                                dx=DxMode(shape.dx) if shape.dx else None)
+                                dx=DxMode(shape.dx) if shape.dx else None, dx_in_rows=shape.dx_in_rows)
     return lambda ops: variant.compute(ops, operands)
 
 
@@ -260,7 +261,7 @@ def _roles_of(variant: Variant, shape: StageShape) -> list[str]:
 
 
 def stage_shape(variant: Variant, dims: Dims, dx: DxMode | None, dtype: torch.dtype,
-                weight_stored_as_io: bool) -> StageShape:
-    return StageShape(variant.name, int(dims.N), dims.i, dims.o, dims.r,
-                      dx.value if (dx is not None and variant.stage == "backward") else None,
-                      dtype, bool(weight_stored_as_io))
+                weight_stored_as_io: bool, dx_in_rows: bool = False) -> StageShape:
+    backward_dx = dx is not None and variant.stage == "backward"
+    return StageShape(variant.name, int(dims.N), dims.i, dims.o, dims.r, dx.value if backward_dx else None,
+                      dtype, bool(weight_stored_as_io), bool(dx_in_rows) and backward_dx)

@@ -145,7 +145,10 @@ class DxMode(enum.Enum):
 @dataclass
 class BackwardOperands:
     """What a backward variant reads: dY (unscaled, [N,o]), X, A, B, s, and Wᵀ as [i,o] (for
-    `dx=DxMode.TOTAL`), and which input gradient to return."""
+    `dx=DxMode.TOTAL`), and which input gradient to return. `dx_in_rows`: dX leaves the graph as it
+    is (autograd, accumulating it into a leaf's .grad, copies anything not in rows), so a dX that is
+    a column slice of a wider product is copied to rows inside the stage, where the choice of forms
+    sees the copy."""
 
     dy: Any
     x: Any
@@ -154,6 +157,7 @@ class BackwardOperands:
     s: Any
     w_io: Any = None
     dx: DxMode | None = DxMode.TOTAL
+    dx_in_rows: bool = False
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,9 @@ class EagerOps(FixedForms):
 
     def cat(self, tensors, dim):
         return aten.cat.default(list(tensors), dim)
+
+    def contiguous(self, a):
+        return aten.clone.default(a, memory_format=torch.contiguous_format)
 
     def narrow(self, a, dim, start, length):
         return aten.slice.Tensor(a, dim, start, start + length)
@@ -335,11 +342,14 @@ def _z1_and_input_grad(ops, p: BackwardOperands, merged_weight=None):
     def separate():
         return _z1(ops, p), ops.mm(p.dy, weight)
 
-    def folded():  # 2N·o·(i + r) FLOPs, as dY·W and Z1 apart
+    def folded():  # 2N·o·(i + r) FLOPs, as dY·W and Z1 apart (+ N·i copied where dX leaves in rows)
         half = ops.is_half(p.b)
         wide = ops.mm(p.dy, ops.cat([weight, p.b if half else _scaled_b(ops, p)], 1))   # [N, i+r]
         z1 = ops.narrow(wide, 1, i, r)
-        return (ops.scale(z1, p.s) if half else z1), ops.narrow(wide, 1, 0, i)
+        dy_w = ops.narrow(wide, 1, 0, i)
+        if merged_weight is not None and p.dx_in_rows:
+            dy_w = ops.contiguous(dy_w)   # this slice is dX itself: a column slice autograd would copy
+        return (ops.scale(z1, p.s) if half else z1), dy_w
 
     z1, dy_w = ops.pick(Z1_IN_DX, {SEPARATE: separate, FOLDED: folded})
     if merged_weight is not None:

@@ -34,7 +34,7 @@ from lora_rewrite import compat
 from lora_rewrite.cost import Choice, CostUnit, choose
 from lora_rewrite.debug import log
 from lora_rewrite.options import RunLoraOptions
-from lora_rewrite.variants import BACKWARDS, BY_NAME, FORWARDS, Dims, SiteFacts, Variant
+from lora_rewrite.variants import BACKWARDS, BY_NAME, FORWARDS, Dims, DxMode, SiteFacts, Variant
 from lora_rewrite.passes.site import Site
 
 
@@ -112,8 +112,9 @@ def _weight_stored_as_io(site: Site) -> bool:
 
 def _stage_context(site: Site) -> dict:
     """What a measurement needs to know about the site besides its dims and dtype."""
-    return {"dx": site.backward.dx_mode if site.backward is not None else None,
-            "weight_stored_as_io": _weight_stored_as_io(site)}
+    dx_mode = site.backward.dx_mode if site.backward is not None else None
+    return {"dx": dx_mode, "weight_stored_as_io": _weight_stored_as_io(site),
+            "dx_in_rows": dx_mode is DxMode.TOTAL and site.backward.dx_sum.leaves_graph}
 
 
 def plan_forms(site: Site, forward: Choice, backward: Choice | None, dims: Dims, options: RunLoraOptions,
@@ -136,7 +137,7 @@ def plan_forms(site: Site, forward: Choice, backward: Choice | None, dims: Dims,
         if choice is None:
             continue
         shape = stage_shape(choice.variant, dims, context["dx"] if dims.needs_dx else None, site.forward.dtype,
-                            context["weight_stored_as_io"])
+                            context["weight_stored_as_io"], context["dx_in_rows"])
         measured = measure_stage(choice.variant, shape, device)
         forms.update(measured.forms)
         seconds.update(measured.candidates)

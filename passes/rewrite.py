@@ -165,6 +165,9 @@ class GraphOps(FixedForms):
     def narrow(self, a, dim, start, length):
         return self.call(aten.slice.Tensor, a, dim, start, start + length)
 
+    def contiguous(self, a):
+        return self.call(aten.clone.default, a, memory_format=torch.contiguous_format)
+
     def size(self, a, dim):
         return a.meta["val"].shape[dim]
 
@@ -246,7 +249,8 @@ def _build_backward(ops: GraphOps, site: Site, variant: Variant) -> tuple[Backwa
         n_arg = chain.n_arg if grads.dy_shape_args2d is None else grads.dy_shape_args2d[0]
         dy = _matrix_2d(ops, grads.dy, n_arg, o)
         w_io = chain.linear.w_io if mode is DxMode.TOTAL else None
-        operands = BackwardOperands(dy=dy, x=chain.x, a=chain.a, b=chain.b, s=chain.scale, w_io=w_io, dx=mode)
+        operands = BackwardOperands(dy=dy, x=chain.x, a=chain.a, b=chain.b, s=chain.scale, w_io=w_io, dx=mode,
+                                    dx_in_rows=mode is DxMode.TOTAL and grads.dx_sum.leaves_graph)
         result = variant.compute(ops, operands)
         replacements = {grads.grad_a: result.grad_a, grads.grad_b: result.grad_b}
         grad_x = result.grad_x
@@ -254,13 +258,11 @@ def _build_backward(ops: GraphOps, site: Site, variant: Variant) -> tuple[Backwa
             replacements[grads.grad_x_lora] = grad_x
         elif mode is DxMode.TOTAL:
             dx_sum = grads.dx_sum
-            # dX folded with Z1 is a column slice of [dY·W′ | Z1]: reshaped (a view where its strides
-            # allow), and copied to rows only where it leaves the graph, so no caller sees the wide buffer.
+            # dX folded with Z1 is a column slice of [dY·W′ | Z1] (copied to rows by the variant where it
+            # leaves the graph): reshaped, a view where its strides allow.
             sliced = is_call(grad_x, aten.slice.Tensor)
             if dx_sum.view_args is not None:
                 grad_x = (ops.reshape if sliced else ops.view)(grad_x, dx_sum.view_args)
-            if sliced and any(user.op == "output" for user in dx_sum.base_end.users):
-                grad_x = ops.call(aten.clone.default, grad_x, memory_format=torch.contiguous_format)
             if dx_sum.cast_to is not None:
                 grad_x = ops.cast(grad_x, dx_sum.cast_to)
             replacements[dx_sum.base_end] = grad_x

@@ -72,6 +72,15 @@ class InputGradSum:
     view_args: Any      # view args from [N,i] back to X's shape, None if X is 2-D
     cast_to: Any        # the dtype both summands are cast to before the sum (autocast), or None
 
+    @property
+    def leaves_graph(self) -> bool:
+        """Does the whole dX go straight out of the graph (to autograd) once the adapter's summand is
+        gone? Then it must come back in rows: autograd copies a strided gradient into a leaf's .grad."""
+        users = [user for user in self.base_end.users if user is not self.lora_add]
+        if self.base_end in self.lora_add.args:   # the sum was base + adapter: its users get dX itself
+            users += list(self.lora_add.users)
+        return any(user.op == "output" for user in users)
+
 
 @dataclass(frozen=True)
 class Gradients:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lora_rewrite.forms import FOLDED, ROLES, TRANSPOSED, Z1_IN_DX, check_forms
-from lora_rewrite.variants import BACKWARDS, FORWARDS, BackwardOperands, Dims, DxMode, EagerOps, ForwardOperands
+from lora_rewrite.variants import BACKWARDS, BY_NAME, FORWARDS, BackwardOperands, Dims, DxMode, EagerOps, ForwardOperands
 
 ALL_DEFAULT: dict = {}
 ALL_OTHER = {role.name: role.forms[1] for role in ROLES}
@@ -155,3 +155,18 @@ def test_forced_forms_are_checked_with_the_valid_choices_named():
         check_forms({"dQ": TRANSPOSED})
     with pytest.raises(ValueError, match=r"has forms \['direct', 'transposed'\]"):
         check_forms({"dB": FOLDED})
+
+
+def test_a_folded_dx_in_rows_is_a_row_major_copy_and_otherwise_a_column_slice():
+    """`dx_in_rows` (dX leaves the graph): backward5's folded dX (dX = dY·W′ itself) comes back in rows,
+    with the same values; without it, it is the column slice of [dY·W′ | Z1] (no copy)."""
+    variant = BY_NAME["backward5"]
+    N, i, o, r = 17, 10, 12, 3
+    t = {k: v.float() for k, v in tensors(N, i, o, r, seed=5).items()}
+    results = {}
+    for in_rows in (False, True):
+        p = BackwardOperands(dy=t["dy"], x=t["x"], a=t["a"], b=t["b"], s=1.3, w_io=t["w"].T, dx_in_rows=in_rows)
+        results[in_rows] = variant.compute(EagerOps({Z1_IN_DX.name: FOLDED}), p).grad_x
+    assert results[True].is_contiguous() and results[True].stride() == (i, 1)
+    assert results[False].stride() == (i + r, 1)
+    torch.testing.assert_close(results[True], results[False], rtol=0, atol=0)

@@ -254,3 +254,40 @@ def test_a_tiny_scale_on_16_bit_adapters_costs_no_more_precision_than_eager(forw
     for what, ref, eager, ours in [("Y", y64, y_eager, y), ("dX", dx64, dx_eager, dx)] + \
             [(name, grads64[name], grads_eager[name], grads[name]) for name in grads64]:
         assert _relative_error(ref, ours) <= 1.5 * _relative_error(ref, eager) + 4 * eps, what
+
+
+def two_lora_linears(x, w1, a1, b1, w2, a2, b2):
+    return lora_linear(lora_linear(x, w1, None, a1, b1), w2, None, a2, b2)
+
+
+def test_a_folded_dx_that_leaves_the_graph_is_copied_to_rows_and_one_that_stays_is_not():
+    """dX folded with Z1 is a column slice of [dY·W′ | Z1]. Where it is the graph's output autograd
+    would copy it into the leaf's .grad anyway, so the variant copies it in rows itself (where the
+    measured choice of forms sees the copy); where the next layer's backward reads it, it stays a view."""
+    g = torch.Generator().manual_seed(0)
+    i, o, r = 12, 20, 3
+    rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    inputs = [rand(2, 5, i).requires_grad_(True), rand(o, i), rand(r, i).requires_grad_(True),
+              rand(o, r).requires_grad_(True), rand(i, o), rand(r, o).requires_grad_(True),
+              rand(i, r).requires_grad_(True)]
+    gm = joint_graph(two_lora_linears, *inputs)
+    tangent = rand(2, 5, i)
+    before = run_joint(gm, inputs, [tangent])
+    anchors, backward = match_graph(gm.graph)
+    sites = [match_site(anchor, backward) for anchor in anchors]
+    leaving = [site.backward.dx_sum.leaves_graph for site in sites]
+    assert sorted(leaving) == [False, True]   # the first layer's dX is the output; the second's is not
+    for site in sites:
+        rewrite_site(gm.graph, fake_mode(gm), site, FORWARDS[1], BACKWARDS[4], {"Z1_in_dX": "folded"})
+    compat.stable_topological_sort(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    for want, got in zip(before, run_joint(gm, inputs, [tangent])):
+        assert_close_to(want, got, rtol=1e-5)
+    clones = [n for n in gm.graph.nodes if n.target is torch.ops.aten.clone.default]
+    assert len(clones) == 1
+    (slice_node,) = clones[0].all_input_nodes
+    assert slice_node.target is torch.ops.aten.slice.Tensor
+    dx_out = gm.graph.output_node().all_input_nodes
+    out_vals = [n.meta["val"] for n in dx_out if tuple(n.meta["val"].shape) == (2, 5, i)]
+    assert out_vals and all(v.is_contiguous() for v in out_vals)
