@@ -18,7 +18,7 @@ layer() {  # name, then runlora-bench layer arguments
     $BEFORE_BENCH --no-progress --layer "$@" --impls $BEFORE_IMPLS -o "$OUT/before_$name" > "$OUT/before_$name.log" 2>&1
   fi
 }
-STAGES=${STAGES:-layers dropout compile models models_more}
+STAGES=${STAGES:-layers dropout compile models models_more models_bf16}
 if [[ " $STAGES " == *" layers "* ]]; then
 EXTRA_IMPLS="runlora-time" layer sq1024_n4096 --in 1024 --tokens 4096 --rank 8 16 64 256
 layer sq1024_n1024_8192 --in 1024 --tokens 1024 8192 --rank 16
@@ -59,5 +59,10 @@ if [[ " $STAGES " == *" models_more "* ]]; then
 BEFORE_BENCH= model llama_130m_r16 -m llama_130m --n_batch 8 --seq_len 512 -r 16
 BEFORE_BENCH= model opt_125m_r16 -m opt_125m --n_batch 8 --seq_len 512 -r 16
 BEFORE_BENCH= model llama_130m_r128 -m llama_130m --n_batch 8 --seq_len 512 -r 128
+fi
+# PEFT's default on a 16-bit model: fp32 adapters on a bf16 base (merging illegal). bf16 CPUs only.
+if [[ " $STAGES " == *" models_bf16 "* ]] && grep -q "avx512_bf16\|amx_bf16" /proc/cpuinfo; then
+model llama_60m_bf16_fp32adapters_r16 -m llama_60m --n_batch 8 --seq_len 512 -r 16 --dtype bf16 --fp32-adapters
+model llama_130m_bf16_fp32adapters_r16 -m llama_130m --n_batch 8 --seq_len 512 -r 16 --dtype bf16 --fp32-adapters
 fi
 echo ALL_DONE > "$OUT/all_done"
