@@ -1,0 +1,66 @@
+"""Profile one layer-bench step (frozen, stock Inductor, runlora) with torch.profiler, shapes recorded: the
+source of the per-product numbers quoted in docs/BENCHMARKS.md ("What the profile found", "What is left").
+
+    python scripts/profile_layer_step.py I O N R DTYPE FP32_ADAPTERS [DROPOUT] [IMPLS]
+    e.g. python scripts/profile_layer_step.py 1024 1024 8192 16 fp32 0
+         python scripts/profile_layer_step.py 1024 1024 4096 64 bf16 0 0.0 inductor,runlora
+
+First 9 interleaved timed steps (medians, overhead over frozen), then a table per implementation of its
+ops over 3 steps, grouped by input shape, by self CPU time. One process, 2 threads; nothing else running.
+"""
+
+import copy
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lora_rewrite.bench.layer import LayerShape, ProbeLoss, build_layer_models, layer_loss_step, make_layer_inputs
+
+
+def main(argv) -> None:
+    torch.set_num_threads(2)
+    i, o, n, r = (int(v) for v in argv[:4])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[argv[4]]
+    fp32_adapters = argv[5] == "1"
+    dropout = float(argv[6]) if len(argv) > 6 else 0.0
+    profiled = argv[7].split(",") if len(argv) > 7 else ["frozen", "inductor", "runlora"]
+    shape = LayerShape(i=i, o=o, tokens=n, r=r, batch=32)
+    cpu = torch.device("cpu")
+    peft, frozen = build_layer_models(shape, r=r, alpha=r, dropout=dropout, bias=False, dtype=dtype, device=cpu,
+                                      fp32_adapters=fp32_adapters)
+    inputs = make_layer_inputs(shape, dtype=dtype, device=cpu)
+    models = {"frozen": torch.compile(ProbeLoss(frozen, inputs.probe)),
+              "inductor": torch.compile(ProbeLoss(copy.deepcopy(peft), inputs.probe)),
+              "runlora": torch.compile(ProbeLoss(peft, inputs.probe), backend="runlora")}
+    steps = {name: layer_loss_step(model, inputs) for name, model in models.items()}
+
+    def run(name):
+        steps[name]().backward()
+
+    for name in steps:
+        for _ in range(3):
+            run(name)
+    times = {name: [] for name in steps}
+    for _ in range(9):
+        for name in steps:
+            start = time.perf_counter()
+            run(name)
+            times[name].append(time.perf_counter() - start)
+    median = {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}
+    print({name: round(ms, 1) for name, ms in median.items()},
+          "overhead over frozen: inductor %+.1f %%, runlora %+.1f %%"
+          % ((median["inductor"] / median["frozen"] - 1) * 100, (median["runlora"] / median["frozen"] - 1) * 100))
+    for name in profiled:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(3):
+                run(name)
+        print("=====", name, "(3 steps)")
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=16,
+                                                                   max_name_column_width=30,
+                                                                   max_shapes_column_width=90))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
