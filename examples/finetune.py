@@ -384,9 +384,13 @@ def runlora_summary(counters: dict | None) -> str:
     if cached:
         served = (f"; {'all' if cached == graphs else cached} of these graphs served from the compile cache "
                   f"(counted as rewritten when they were compiled)")
+    failed = ""
+    if counters.get("sites_failed") or counters.get("graphs_failed"):
+        failed = (f"; {counters.get('sites_failed', 0)} site(s) left as stock Inductor compiles them after a "
+                  f"failure inside runlora, {counters.get('graphs_failed', 0)} whole graph(s) (see the warnings)")
     return (f"runlora: rewrote {counters.get('sites_rewritten', 0)} of {counters.get('sites_found', 0)} LoRA "
             f"sites in {graphs} graph(s) (backward rewritten at {counters.get('backward_rewritten', 0)}); "
-            f"chose {chosen or 'nothing'}{served}")
+            f"chose {chosen or 'nothing'}{served}{failed}")
 
 
 def main(argv=None) -> int:

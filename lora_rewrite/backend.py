@@ -13,6 +13,7 @@ A graph served from those caches is reported as the pass reported it when it com
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -41,17 +42,70 @@ def runlora(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, mode: st
             key = report_cache.report_key(gm, example_inputs, joint_pass.uuid(),
                                           (mode, sorted(dict(opts.inductor).items(), key=repr), opts.codegen))
     hits_before = compat.autograd_cache_hits()
-    with debug.collect_reports() as published:
-        if not opts.dump_dir:
-            compiled = compat.compile_fx(gm, example_inputs, config_patches=patches, inner_compile=inner)
-        else:
-            from lora_rewrite.dump import dumping_inner_compile
+    if opts.dump_dir:
+        from lora_rewrite.dump import dumping_inner_compile
 
-            with compat.eager_backward_compile():
-                compiled = compat.compile_fx(gm, example_inputs, config_patches=patches,
-                                             inner_compile=dumping_inner_compile(opts.dump_dir, inner))
+        inner = dumping_inner_compile(opts.dump_dir, inner)
+    guarded = GuardedInnerCompile(inner, opts)
+    try:
+        with debug.collect_reports() as published, \
+                (compat.eager_backward_compile() if opts.dump_dir else contextlib.nullcontext()):
+            compiled = compat.compile_fx(gm, example_inputs, config_patches=patches, inner_compile=guarded)
+    except Exception as error:
+        if opts.strict or not opts.rewrite or not (joint_pass.raised or _rewrote_something(published)):
+            raise   # not runlora's doing (stock Inductor fails the same way), or strict: as it is
+        return _compile_without_runlora(gm, example_inputs, patches, user_passes, inner, error, list(published))
+    finally:
+        guarded.compiling = False
     report_cache.after_compile(key, list(published), hits_before, debug_option=opts.debug)
+    guarded.reports = [r for r in published if r.sites or r.fused]
     return compiled
+
+
+def _rewrote_something(reports) -> bool:
+    return any(r.sites or r.fused for r in reports)
+
+
+def _compile_without_runlora(gm, example_inputs, patches: dict, user_passes: tuple, inner, error: BaseException,
+                             published: list):
+    """The never-worse fallback (lora_rewrite/containment.py): compiling the rewritten graph failed,
+    so the graph is compiled again exactly as stock Inductor compiles it, with one warning."""
+    from lora_rewrite.containment import Stage, describe
+
+    failure = debug.FailureReport(debug.GRAPH, Stage.COMPILE.value, describe(error),
+                                  note="compiled again as stock Inductor compiles it, without runlora")
+    debug.record_late_failure(published, failure, error, rewrite_undone=True)
+    stock = {**patches, "joint_custom_post_pass": user_passes[0] if len(user_passes) == 1 else
+             (list(user_passes) if user_passes else None)}
+    return compat.compile_fx(gm, example_inputs, config_patches=stock,
+                             inner_compile=inner or compat.compile_fx_inner)
+
+
+class GuardedInnerCompile:
+    """Inductor's inner compile, for one runlora compile. AOTAutograd compiles the backward graph
+    lazily, at the first backward, after the backend has returned: if compiling a rewritten backward
+    then fails, that graph runs op by op (the aten graph the rewrite produced, correct, uncompiled)
+    with one warning, rather than failing the step. Failures while the backend is still compiling
+    reach the backend, which compiles the whole graph again without runlora."""
+
+    def __init__(self, inner, options: RunLoraOptions):
+        self.inner = inner
+        self.options = options
+        self.compiling = True     # inside the backend's compile_fx call
+        self.reports: list = []   # the reports of rewritten graphs (known once the backend returns)
+
+    def __call__(self, gm, example_inputs, **kwargs):
+        try:
+            return (self.inner or compat.compile_fx_inner)(gm, example_inputs, **kwargs)
+        except Exception as error:
+            if self.compiling or self.options.strict or not self.reports:
+                raise
+            from lora_rewrite.containment import Stage, describe
+
+            failure = debug.FailureReport(debug.GRAPH, Stage.COMPILE.value, describe(error),
+                                          note="the rewritten backward graph runs op by op, uncompiled")
+            debug.record_late_failure(self.reports, failure, error, rewrite_undone=False)
+            return compat.run_op_by_op(gm)
 
 
 def register() -> None:

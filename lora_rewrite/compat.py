@@ -40,6 +40,11 @@ def eager_inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     Inductor's decompositions, joint-graph passes (ours included) and min-cut partitioner still run,
     so the graphs are exactly those Inductor would compile. Used by the `codegen=False` option.
     """
+    return run_op_by_op(gm)
+
+
+def run_op_by_op(gm: torch.fx.GraphModule):
+    """The compiled function of a graph that runs its aten ops one by one (no code generation)."""
     from functorch.compile import make_boxed_func
 
     return make_boxed_func(gm.forward)

@@ -6,8 +6,10 @@
   stderr handler is attached if nothing else shows the logger's records.
 - Counters in `torch._dynamo.utils.counters["runlora"]`: graphs, sites_found, sites_rewritten,
   backward_rewritten, sites_skipped, chose_<variant> per chosen variant, sibling_groups_fused,
-  sibling_products_fused, and graphs_from_cache (graphs served from the compile cache, counted in
-  the others as they were when compiled).
+  sibling_products_fused, sites_failed and graphs_failed (exceptions runlora contained: the site, or
+  the whole graph, left as stock Inductor compiles it; lora_rewrite/containment.py), and
+  graphs_from_cache (graphs served from the compile cache, counted in the others as they were when
+  compiled).
 - `GraphReport` / `SiteReport` / `SkipReport`: what `lora_rewrite.explain` returns, printable as a
   table and convertible to plain dicts / JSON.
 
@@ -148,6 +150,26 @@ class FusionReport:
 
 
 @dataclass
+class FailureReport:
+    """An exception runlora contained (lora_rewrite/containment.py): what it left as stock Inductor
+    compiles it — one site (`module`), or the whole graph (`module` is GRAPH) — and why."""
+
+    module: str
+    stage: str                  # containment.Stage's value: "matching", "sibling fusion", …
+    error: str                  # "TypeName: message"
+    module_key: str | None = None
+    note: str = ""              # what was done instead, when not simply "left untouched"
+
+    def line(self) -> str:
+        what = "the whole graph" if self.module == GRAPH else self.module
+        instead = self.note or "left as stock Inductor compiles it"
+        return f"{what}: {self.stage} failed ({self.error}); {instead}"
+
+
+GRAPH = "<graph>"
+
+
+@dataclass
 class GraphReport:
     compile_id: str | None
     kind: str                   # "joint" (training) or "inference"
@@ -156,6 +178,15 @@ class GraphReport:
     skipped: list[SkipReport] = field(default_factory=list)
     fused: list[FusionReport] = field(default_factory=list)
     served_from_cache: bool = False   # True: a compile-cache hit; the pass ran when the graph was compiled
+    failures: list[FailureReport] = field(default_factory=list)  # contained exceptions (site or graph)
+
+    @property
+    def graph_failed(self) -> bool:
+        return any(f.module == GRAPH for f in self.failures)
+
+    @property
+    def sites_failed(self) -> list[FailureReport]:
+        return [f for f in self.failures if f.module != GRAPH]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,12 +198,18 @@ class GraphReport:
                    sites=[SiteReport(**s) for s in data["sites"]],
                    skipped=[SkipReport(**k) for k in data["skipped"]],
                    fused=[FusionReport(**f) for f in data["fused"]],
-                   served_from_cache=data.get("served_from_cache", False))
+                   served_from_cache=data.get("served_from_cache", False),
+                   failures=[FailureReport(**f) for f in data.get("failures", [])])
 
     def __str__(self) -> str:
         kind = f"{self.kind}, served from the compile cache" if self.served_from_cache else self.kind
+        failed = ""
+        if self.graph_failed:
+            failed = ", the whole graph left as stock Inductor compiles it after a failure in runlora"
+        elif self.failures:
+            failed = f", {len(self.failures)} left after a failure in runlora"
         head = (f"runlora graph {self.compile_id or '?'} ({kind}): {len(self.sites)} site(s) rewritten, "
-                f"{len(self.skipped)} left untouched, criterion={self.criterion}")
+                f"{len(self.skipped)} left untouched{failed}, criterion={self.criterion}")
         rows = [["module", "N", "i→o", "r", "s", "drop", "dtype", "fwd", "bwd", "FLOPs before→after",
                  "X·Aᵀ bytes unsaved"]]
         for s in self.sites:
@@ -189,6 +226,8 @@ class GraphReport:
             lines.append(f"  {f.line()}")
         for k in self.skipped:
             lines.append(f"  untouched {k.module}: {k.reason}")
+        for f in self.failures:
+            lines.append(f"  FAILED {f.line()}")
         return "\n".join(lines)
 
 
@@ -245,30 +284,64 @@ def never_raise(what: str) -> Iterator[None]:
         log.debug("traceback of the failure above", exc_info=True)
 
 
+def warn_contained(failure: FailureReport, error: BaseException) -> None:
+    """The one WARNING of a contained failure (lora_rewrite/containment.py); its traceback at DEBUG."""
+    log.warning("runlora %s. The run goes on; options={'strict': True} (or RUNLORA_STRICT=1) raises instead.",
+                failure.line())
+    log.debug("traceback of the failure above", exc_info=(type(error), error, error.__traceback__))
+
+
 def publish(report: GraphReport, *, debug: bool) -> None:
     """Count, hand to collectors, log. Never raises: debug output must not break a compile."""
     with never_raise(f"publishing the report of graph {report.compile_id}"):
         _publish(report, debug=debug)
 
 
-def _publish(report: GraphReport, *, debug: bool) -> None:
+def _count(report: GraphReport, sign: int = 1) -> None:
+    """Add a published report's numbers to counters["runlora"] (sign -1: take them back)."""
     from lora_rewrite.compat import dynamo_counters
 
     counters = dynamo_counters()["runlora"]
-    counters["graphs"] += 1
+    counters["graphs"] += sign
     if report.served_from_cache:
-        counters["graphs_from_cache"] += 1
-    counters["sites_found"] += len(report.sites) + len(report.skipped)
-    counters["sites_rewritten"] += len(report.sites)
-    counters["sites_skipped"] += len(report.skipped)
+        counters["graphs_from_cache"] += sign
+    counters["sites_found"] += sign * (len(report.sites) + len(report.skipped) + len(report.sites_failed))
+    counters["sites_rewritten"] += sign * len(report.sites)
+    counters["sites_skipped"] += sign * len(report.skipped)
+    counters["sites_failed"] += sign * len(report.sites_failed)
+    counters["graphs_failed"] += sign * report.graph_failed
     for s in report.sites:
-        counters["backward_rewritten"] += s.backward is not None
-        counters[f"chose_{s.forward}"] += 1
+        counters["backward_rewritten"] += sign * (s.backward is not None)
+        counters[f"chose_{s.forward}"] += sign
         if s.backward:
-            counters[f"chose_{s.backward}"] += 1
+            counters[f"chose_{s.backward}"] += sign
     for f in report.fused:
-        counters["sibling_groups_fused"] += 1
-        counters["sibling_products_fused"] += len(f.modules)
+        counters["sibling_groups_fused"] += sign
+        counters["sibling_products_fused"] += sign * len(f.modules)
+
+
+def record_late_failure(reports: list[GraphReport], failure: FailureReport, error: BaseException, *,
+                        rewrite_undone: bool) -> None:
+    """A failure after the pass published its reports (Inductor compiling the rewritten graph): warn
+    once, and correct the published reports and the counters. `rewrite_undone`: the graph was compiled
+    again without runlora, so none of its sites counts as rewritten any more."""
+    warn_contained(failure, error)
+    with never_raise("correcting the reports after a compile failure"):
+        if not reports:   # nothing was published for it: count the failure alone
+            from lora_rewrite.compat import dynamo_counters
+
+            dynamo_counters()["runlora"]["graphs_failed"] += 1
+        for report in reports:
+            _count(report, -1)
+            if rewrite_undone:
+                report.sites.clear()
+                report.fused.clear()
+            report.failures.append(failure)
+            _count(report, +1)
+
+
+def _publish(report: GraphReport, *, debug: bool) -> None:
+    _count(report)
     for c in _collectors:
         c.append(report)
     served = " [served from the compile cache]" if report.served_from_cache else ""
@@ -278,6 +351,9 @@ def _publish(report: GraphReport, *, debug: bool) -> None:
         log.debug("%s%s", f.line(), served)
     for k in report.skipped:
         log.debug("%s%s", k.line(), served)
+    if report.served_from_cache:
+        for f in report.failures:   # the compile that stored it warned; say it again, once per graph served
+            log.warning("runlora (served from the compile cache) %s", f.line())
     cid = report.compile_id or "?"
     if report.served_from_cache:
         log.info("runlora graph %s (%s) served from the compile cache: %d site(s) rewritten, %d left untouched "

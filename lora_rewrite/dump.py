@@ -85,6 +85,10 @@ class GraphCapture:
                 (folder / "joint_before.py").write_text(graph_code(graph))
                 debug.ensure_visible()
 
+    def restart(self) -> None:
+        """The graph was restored from its snapshot (lora_rewrite/containment.py): forget its sites."""
+        self.pictures.clear()
+
     @property
     def wants_pictures(self) -> bool:
         return self.folder is not None

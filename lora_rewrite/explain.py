@@ -164,13 +164,15 @@ def explain(model, *args, options: dict | None = None, **kwargs) -> ExplainRepor
     layers = _lora_layers(model)
     for frame_reports, read in frames:
         for report in frame_reports:
-            for entry in list(report.sites) + list(report.skipped):
+            for entry in list(report.sites) + list(report.skipped) + list(report.sites_failed):
                 if entry.module_key in names_by_key:
                     entry.module = names_by_key[entry.module_key]
                 else:
                     entry.module = _name_in_model(entry.module, read, layers)
     rewritten = {s.module for r in reports for s in r.sites}
     skipped = {s.module: s.reason for r in reports for s in r.skipped}
+    skipped.update({f.module: f"{f.stage} failed ({f.error}); {f.note or 'left as stock Inductor compiles it'}"
+                    for r in reports for f in r.sites_failed})
     untouched = [UntouchedLayer(name, _untouched_reason(layer, skipped.get(name)))
                  for name, layer in _lora_layers(model).items() if name not in rewritten]
     return ExplainReport(graphs=list(reports), untouched=untouched)

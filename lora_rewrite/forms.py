@@ -64,11 +64,14 @@ def form_of(forms: FormPlan, role: Role) -> str:
 def scaled_mm(ops, p, q, s=1):
     """s·(P·Q) as one BLAS call: `addmm(Q[0], P, Q, beta=0, alpha=s)` (beta = 0: the first argument, a
     row of Q that broadcasts to [m,n], is never read), so a Python scale costs no elementwise pass and
-    no kernel of its own; P·Q where s is 1; (P·Q)·s for a tensor (0-d) scale."""  # 2·m·k·n FLOPs
+    no kernel of its own; P·Q where s is 1; (P·Q)·s for a tensor (0-d) scale, and where Q may have no
+    rows to take (N = 0)."""  # 2·m·k·n FLOPs
     if _is_one(s):
         return ops.mm(p, q)
-    if is_number(s):
+    if is_number(s) and ops.has_rows(q):
         return ops.addmm(ops.row(q, 0), p, q, alpha=s, beta=0)
+    # A tensor scale, or Q may have no rows (the token count N is the inner dimension of dB = dYᵀ·Z2,
+    # and a data-dependent N can be 0): the scale on the result, which is rank-sized where this happens.
     return ops.scale(ops.mm(p, q), s)
 
 

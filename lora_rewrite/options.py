@@ -16,6 +16,9 @@ Keys (all optional):
                      partitioner still run): fast to compile, for tests and debugging
     rewrite          True (default) | False — False compiles exactly like stock Inductor
     debug            False (default) | True — log the per-graph report (env: RUNLORA_DEBUG=1)
+    strict           False (default) | True — re-raise an exception inside runlora instead of leaving
+                     the site (or graph) as stock Inductor compiles it (env: RUNLORA_STRICT=1;
+                     lora_rewrite/containment.py)
     dump_dir         a folder for graphs, reports and pictures (env: RUNLORA_DUMP_DIR)
     inductor         a dict of Inductor config patches, as stock torch.compile's `options` takes
 
@@ -42,6 +45,7 @@ FORMS_DIRECT = "direct"
 FORMS_CHOICES = (FORMS_MEASURED, FORMS_DIRECT)
 ENV_DEBUG = "RUNLORA_DEBUG"
 ENV_DUMP_DIR = "RUNLORA_DUMP_DIR"
+ENV_STRICT = "RUNLORA_STRICT"
 
 
 def _truthy_env(name: str) -> bool:
@@ -64,6 +68,7 @@ class RunLoraOptions:
         codegen: False runs the rewritten graphs op by op instead of generating Inductor code.
         rewrite: False compiles exactly like stock Inductor.
         debug: log each graph's report (env RUNLORA_DEBUG).
+        strict: re-raise exceptions inside runlora instead of containing them (env RUNLORA_STRICT).
         dump_dir: a folder for graphs, reports and pictures, or None (env RUNLORA_DUMP_DIR).
         inductor: Inductor config patches.
     """
@@ -77,6 +82,7 @@ class RunLoraOptions:
     codegen: bool = True
     rewrite: bool = True
     debug: bool = False
+    strict: bool = False
     dump_dir: str | None = None
     inductor: Mapping[str, Any] = field(default_factory=dict)
 
@@ -96,7 +102,7 @@ class RunLoraOptions:
             _check_choice("forward", self.forward, variant_names(FORWARDS))
         if self.backward is not None:
             _check_choice("backward", self.backward, variant_names(BACKWARDS))
-        for key in ("fuse_siblings", "codegen", "rewrite", "debug"):
+        for key in ("fuse_siblings", "codegen", "rewrite", "debug", "strict"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"runlora option {key!r} must be True or False, got {getattr(self, key)!r}")
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
@@ -115,7 +121,7 @@ class RunLoraOptions:
         """Everything that changes the rewritten graph: part of the compile-cache key."""
         forms = sorted(self.forms.items()) if isinstance(self.forms, Mapping) else self.forms
         return repr((self.rewrite, self.criterion, self.forward, self.backward, self.dynamic_policy, forms,
-                     self.fuse_siblings, self.debug, str(self.dump_dir) if self.dump_dir else None))
+                     self.fuse_siblings, self.debug, self.strict, str(self.dump_dir) if self.dump_dir else None))
 
     @classmethod
     def from_user(cls, options: Mapping[str, Any] | None) -> "RunLoraOptions":
@@ -162,6 +168,7 @@ class RunLoraOptions:
                 raise ValueError(f"unknown Inductor config key(s) {bad!r} in runlora option 'inductor'")
         inductor_patches.update(nested)
         kwargs.setdefault("debug", _truthy_env(ENV_DEBUG))
+        kwargs.setdefault("strict", _truthy_env(ENV_STRICT))
         if os.environ.get(ENV_DUMP_DIR):
             kwargs.setdefault("dump_dir", os.environ[ENV_DUMP_DIR])
         return cls(inductor=inductor_patches, **kwargs)

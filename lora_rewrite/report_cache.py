@@ -33,7 +33,7 @@ import torch
 from lora_rewrite import compat, debug
 
 FOLDER = "runlora_reports"
-FORMAT = 1
+FORMAT = 2   # 2: reports carry failures
 
 
 def report_key(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], pass_uuid: str | None,

@@ -202,6 +202,9 @@ class EagerOps(FixedForms):
     def row(self, a, index):
         return aten.select.int(a, 0, index)
 
+    def has_rows(self, a):
+        return a.shape[0] > 0
+
     def t(self, a):
         return aten.permute.default(a, [1, 0])
 
@@ -289,13 +292,27 @@ DTYPE_SPLIT = ("the adapter computes in {} but the base in {}: merging would rou
                "into the base weight's precision")
 
 
+# fp16 has 5 exponent bits (largest finite value 65504); bf16 has fp32's 8. docs/BENCHMARKS.md "fp16 and
+# the merged weight" has the error and the speed that decided this (scripts/fp16_merged_weight.py).
+FP16_RANGE = ("fp16: W + s·B·A would be formed in fp16, whose range (±65504) s·B·A can exceed where "
+              "eager PEFT's s·(X·Aᵀ)·Bᵀ stays finite")
+
+
+def _fp16_range(facts: SiteFacts) -> str | None:
+    if torch.float16 in (facts.adapter_dtype, facts.base_dtype, facts.weight_dtype):
+        return FP16_RANGE
+    return None
+
+
 def merged_weight_forward_guard(facts: SiteFacts) -> str | None:
     """forward2 replaces the base product: it needs that product to be X·Wᵀ (+ bias) of the adapter's own
-    X, in the adapter's dtype, and used by nothing else."""
+    X, in the adapter's dtype, and used by nothing else, in a dtype whose range holds W + s·B·A."""
     if not facts.plain_linear_base:
         return NO_PLAIN_LINEAR
     if facts.base_dtype != facts.adapter_dtype or facts.weight_dtype != facts.adapter_dtype:
         return DTYPE_SPLIT.format(facts.adapter_dtype, facts.base_dtype)
+    if _fp16_range(facts):
+        return FP16_RANGE
     if facts.dropout:
         return "lora_dropout: the adapter's input differs from the base's, X·(W + s·B·A)ᵀ would be wrong"
     if not facts.adapter_reads_base_input:
@@ -385,6 +402,8 @@ def merged_weight_backward_guard(facts: SiteFacts) -> str | None:
         return NO_PLAIN_LINEAR
     if facts.adapter_dtype != facts.base_dtype:
         return DTYPE_SPLIT.format(facts.adapter_dtype, facts.base_dtype)
+    if _fp16_range(facts):
+        return FP16_RANGE
     if facts.dropout:
         return "lora_dropout: the adapter's input differs from the base's"
     if facts.needs_dx and not facts.dx_sum_found:

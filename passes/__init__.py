@@ -15,6 +15,7 @@ import torch
 from torch.fx import Graph
 
 from lora_rewrite import compat, debug
+from lora_rewrite.containment import GraphSnapshot, SiteHalfRewritten, Stage, StageFailed, describe
 from lora_rewrite.dump import GraphCapture
 from lora_rewrite.options import RunLoraOptions
 from lora_rewrite.passes.fuse import fuse_siblings
@@ -35,47 +36,144 @@ def _fake_mode(graph: Graph):
     return mode
 
 
+class _RestartWithout(Exception):
+    """A site failed halfway through its rewrite: restore the graph and run again without it."""
+
+    def __init__(self, index: int, failure: debug.FailureReport):
+        super().__init__(failure.line())
+        self.index = index
+        self.failure = failure
+
+
 def rewrite_graph(graph: Graph, options: RunLoraOptions) -> debug.GraphReport:
-    """Rewrite every LoRA site of `graph` in place; returns what was done (also published)."""
-    anchors, backward = match_graph(graph)
-    report = debug.GraphReport(compat.compile_id(), "joint" if backward else "inference", options.criterion)
+    """Rewrite every LoRA site of `graph` in place; returns what was done (also published).
+
+    An exception inside is contained (lora_rewrite/containment.py) unless `options.strict`: a site's
+    stage that fails leaves that site as stock Inductor compiles it, a whole-graph stage that fails
+    leaves the whole graph so (restored from a snapshot taken before the first site was rewritten)."""
     capture = GraphCapture(graph, options.dump_dir)
-    fake_mode = _fake_mode(graph) if anchors else None
-    rewritten, planned = [], []
-    for anchor in anchors:
-        try:
-            site = match_site(anchor, backward)
-        except NoMatch as no_match:
-            module = provenance_of(anchor)
-            report.skipped.append(debug.SkipReport(module.path, str(no_match), module.key))
-            continue
-        plan = plan_site(site, options)
-        before = capture.site_before(site.nodes())
-        try:
-            done = rewrite_site(graph, fake_mode, site, plan.forward.variant,
-                                plan.backward.variant if plan.backward else None, plan.forms)
-        except RewriteError as e:
-            debug.log.warning("runlora left %s untouched: %s", site.module_path, e)
-            report.skipped.append(debug.SkipReport(site.module_path, f"rewrite failed, graph kept: {e}",
-                                                   site.provenance.key))
-            continue
-        capture.site_after(site.module_path, before, done.new_nodes)
-        report.sites.append(debug.site_report(site, plan, options.criterion))
-        rewritten.append(done)
-        planned.append((site, plan))
-    for site_row, note in zip(report.sites, guard_token_counts(planned, options)):
-        if note:
-            site_row.notes.append(note)
-    if options.fuse_siblings and len(rewritten) > 1:
-        for fusion in fuse_siblings(graph, fake_mode, rewritten):
-            report.fused.append(debug.FusionReport(fusion.kind.name, [s.module_path for s in fusion.sites],
-                                                   fusion.ranks))
-    if report.sites:
-        compat.stable_topological_sort(graph)
-        graph.lint()
+    report = debug.GraphReport(compat.compile_id(), "joint", options.criterion)
+    snapshot: GraphSnapshot | None = None
+    failed: dict[int, debug.FailureReport] = {}   # by anchor index: skipped again after a restore
+    try:
+        while True:
+            anchors, backward = _graph_stage(options, Stage.MATCH, match_graph, graph)
+            report = debug.GraphReport(compat.compile_id(), "joint" if backward else "inference", options.criterion)
+            if anchors and snapshot is None and not options.strict:
+                snapshot = GraphSnapshot(graph)
+            try:
+                _rewrite_sites(graph, anchors, backward, options, report, capture, failed)
+                break
+            except _RestartWithout as restart:
+                failed[restart.index] = restart.failure
+                snapshot.restore()
+                capture.restart()
+    except StageFailed as failure:
+        if snapshot is not None:
+            snapshot.restore()
+        capture.restart()
+        graph_failure = debug.FailureReport(debug.GRAPH, failure.stage.value, describe(failure.error))
+        debug.warn_contained(graph_failure, failure.error)
+        report.sites.clear()
+        report.fused.clear()
+        report.failures.append(graph_failure)
     debug.publish(report, debug=options.debug)
     capture.finish(report)
     return report
+
+
+def _graph_stage(options: RunLoraOptions, stage: Stage, fn, *args):
+    """fn(*args), an exception in it tagged with its whole-graph stage (re-raised as it is when strict)."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        if options.strict:
+            raise
+        raise StageFailed(stage, e) from e
+
+
+def _site_stage(options: RunLoraOptions, stage: Stage, fn, *args):
+    """fn(*args), an exception in it tagged with its site stage (re-raised as it is when strict). A
+    StageFailed from inside (measuring forms, within planning) keeps its own stage."""
+    try:
+        return fn(*args)
+    except (NoMatch, StageFailed):
+        raise
+    except Exception as e:
+        if options.strict:
+            raise
+        raise StageFailed(stage, e) from e
+
+
+def _module_of(anchor) -> tuple[str, str | None]:
+    try:
+        module = provenance_of(anchor)
+        return module.path, module.key
+    except Exception:
+        return "<unknown module>", None
+
+
+def _contained_site(path: str, key: str | None, stage: Stage, error: BaseException, *,
+                    restored: bool = False) -> debug.FailureReport:
+    """The report of a contained site failure, with its one warning."""
+    note = ("left as stock Inductor compiles it (the graph was restored and its other sites rewritten again)"
+            if restored else "")
+    failure = debug.FailureReport(path, stage.value, describe(error), key, note)
+    debug.warn_contained(failure, error)
+    return failure
+
+
+def _rewrite_sites(graph: Graph, anchors: list, backward: set, options: RunLoraOptions, report: debug.GraphReport,
+                   capture: GraphCapture, failed: dict[int, debug.FailureReport]) -> None:
+    """Match, plan and rewrite each site; then the whole-graph stages. Fills `report`."""
+    fake_mode = _graph_stage(options, Stage.MATCH, _fake_mode, graph) if anchors else None
+    rewritten, planned = [], []
+    for index, anchor in enumerate(anchors):
+        if index in failed:   # it failed halfway before the graph was restored: leave it as it is
+            report.failures.append(failed[index])
+            continue
+        try:
+            site = _site_stage(options, Stage.MATCH, match_site, anchor, backward)
+            plan = _site_stage(options, Stage.PLAN, plan_site, site, options)
+            site_row = _site_stage(options, Stage.REPORT, debug.site_report, site, plan, options.criterion)
+            before = capture.site_before(site.nodes())
+            done = rewrite_site(graph, fake_mode, site, plan.forward.variant,
+                                plan.backward.variant if plan.backward else None, plan.forms)
+        except NoMatch as no_match:
+            path, key = _module_of(anchor)
+            report.skipped.append(debug.SkipReport(path, str(no_match), key))
+            continue
+        except (StageFailed, RewriteError) as failure:
+            error = failure.error if isinstance(failure, StageFailed) else failure
+            if options.strict:
+                raise error
+            stage = failure.stage if isinstance(failure, StageFailed) else Stage.REWRITE
+            path, key = _module_of(anchor)
+            if isinstance(failure, SiteHalfRewritten):
+                raise _RestartWithout(index, _contained_site(path, key, stage, error, restored=True)) from error
+            failed[index] = _contained_site(path, key, stage, error)   # not tried again after a restore
+            report.failures.append(failed[index])
+            continue
+        except Exception as error:   # raised outside any stage: the graph's state is unknown, so restore it
+            if options.strict:
+                raise
+            path, key = _module_of(anchor)
+            raise _RestartWithout(index, _contained_site(path, key, Stage.REWRITE, error, restored=True)) from error
+        capture.site_after(site.module_path, before, done.new_nodes)
+        report.sites.append(site_row)
+        rewritten.append(done)
+        planned.append((site, plan))
+    notes = _graph_stage(options, Stage.GUARD, guard_token_counts, planned, options)
+    for site_row, note in zip(report.sites, notes):
+        if note:
+            site_row.notes.append(note)
+    if options.fuse_siblings and len(rewritten) > 1:
+        for fusion in _graph_stage(options, Stage.FUSE, fuse_siblings, graph, fake_mode, rewritten):
+            report.fused.append(debug.FusionReport(fusion.kind.name, [s.module_path for s in fusion.sites],
+                                                   fusion.ranks))
+    if report.sites:
+        _graph_stage(options, Stage.SORT, compat.stable_topological_sort, graph)
+        _graph_stage(options, Stage.LINT, graph.lint)
 
 
 @functools.lru_cache(maxsize=1)
@@ -98,14 +196,31 @@ class RunLoraPass(compat.custom_graph_pass_base()):
     def __init__(self, options: RunLoraOptions, chained: tuple = ()):
         self.options = options
         self.chained = tuple(chained)
+        self.raised = False   # an exception left rewrite_graph: the backend compiles again without runlora
 
     def __call__(self, graph: Graph) -> None:
         for user_pass in self.chained:
             user_pass(graph)
         if self.options.rewrite:
-            rewrite_graph(graph, self.options)
+            try:
+                rewrite_graph(graph, self.options)
+            except Exception:
+                self.raised = True
+                raise
 
     def uuid(self):
+        """The compile caches' key of this pass. Should computing it fail, caches are bypassed for this
+        compile (None), as for any pass Inductor cannot key; the compile goes on."""
+        try:
+            return self._uuid()
+        except Exception as e:
+            if self.options.strict:
+                raise
+            debug.log.warning("runlora could not compute its compile-cache key (%s: %s); this compile bypasses "
+                              "the compile caches", type(e).__name__, e)
+            return None
+
+    def _uuid(self):
         chained = []
         for p in self.chained:
             key = p.uuid() if hasattr(p, "uuid") else None

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from lora_rewrite import compat
+from lora_rewrite.containment import Stage, StageFailed, describe, free_device_memory, is_out_of_memory
 from lora_rewrite.cost import Choice, CostUnit, choose
 from lora_rewrite.debug import log
 from lora_rewrite.options import RunLoraOptions
@@ -133,12 +134,25 @@ def plan_forms(site: Site, forward: Choice, backward: Choice | None, dims: Dims,
     forms: dict = {}
     seconds: dict = {}
     from_disk = []   # per stage with something to choose (forward2 has nothing: it is never run)
+    if dims.N == 0:
+        return {}, {}, "direct (N = 0: nothing to measure)"
     for choice in (forward, backward):
         if choice is None:
             continue
         shape = stage_shape(choice.variant, dims, context["dx"] if dims.needs_dx else None, site.forward.dtype,
                             context["weight_stored_as_io"], context["dx_in_rows"])
-        measured = measure_stage(choice.variant, shape, device)
+        try:
+            measured = measure_stage(choice.variant, shape, device)
+        except Exception as e:
+            if is_out_of_memory(e):   # the site's activations once more did not fit: nothing is kept
+                free_device_memory(device)
+                log.warning("runlora: out of memory while measuring the product forms of %s (%s); it is "
+                            "rewritten in its default forms, and nothing is written to the forms cache for it",
+                            site.module_path, describe(e))
+                return {}, {}, f"direct (out of memory while measuring: {describe(e)})"
+            if options.strict:
+                raise
+            raise StageFailed(Stage.MEASURE, e) from e
         forms.update(measured.forms)
         seconds.update(measured.candidates)
         if measured.candidates:
@@ -170,8 +184,21 @@ def _choose_stage(stage: str, legality: dict[Variant, str | None], forced: str |
         notes.append(f"N has no size hint: {stage} falls back to {legal[0].name}")
         return Choice(legal[0], unit=CostUnit.FALLBACK)
     device = site.forward.x.meta["val"].device
-    return choose(legal, dims, options.criterion, dtype=site.forward.dtype, device=device, stage=stage,
-                  **_stage_context(site))
+    try:
+        return choose(legal, dims, options.criterion, dtype=site.forward.dtype, device=device, stage=stage,
+                      **_stage_context(site))
+    except Exception as e:
+        if options.criterion != "time":
+            raise
+        if not is_out_of_memory(e):
+            if options.strict:
+                raise
+            raise StageFailed(Stage.MEASURE, e) from e
+        free_device_memory(device)   # timing the variants did not fit: FLOPs need no memory
+        log.warning("runlora: out of memory while timing the %s variants of %s (%s); chosen by FLOPs instead",
+                    stage, site.module_path, describe(e))
+        notes.append(f"out of memory while timing the {stage} variants: chosen by flops")
+        return choose(legal, dims, "flops", dtype=site.forward.dtype, device=device, stage=stage)
 
 
 def _linear_in_n(variant: Variant, dims: Dims) -> tuple[int, int]:

@@ -29,6 +29,7 @@ import torch
 from torch.fx import Graph, Node
 
 from lora_rewrite import compat
+from lora_rewrite.containment import SiteHalfRewritten, Stage
 from lora_rewrite.forms import FixedForms, FormPlan
 from lora_rewrite.variants import (HALF_DTYPES, BackwardOperands, BackwardResult, DxMode, ForwardOperands,
                                    ForwardResult, Variant)
@@ -135,6 +136,10 @@ class GraphOps(FixedForms):
 
     def row(self, a, index):
         return self.call(aten.select.int, a, 0, index)
+
+    def has_rows(self, a):
+        """Certainly at least one row, for every value a symbolic size may take (an unbacked N may be 0)."""
+        return compat.statically_known_true(a.meta["val"].shape[0] >= 1)
 
     def t(self, a):
         # (aᵀ)ᵀ is a itself: a product form never stacks two transposed views of one tensor.
@@ -276,7 +281,9 @@ def rewrite_site(graph: Graph, fake_mode, site: Site, forward: Variant, backward
     """Replace the site's forward (and, when `backward` is given, its gradients) in place, each product
     in the form `forms` names for its role (lora_rewrite.forms; default forms where it names none).
 
-    Raises RewriteError, leaving the graph untouched, if any new value does not check out."""
+    Raises RewriteError, leaving the graph untouched, if any new value does not check out, and
+    SiteHalfRewritten if redirecting the uses fails (the graph is then half rewritten: the pass
+    restores it, lora_rewrite/containment.py)."""
     ops = GraphOps(graph, fake_mode, forms)
     try:
         forward_result = _build_forward(ops, site, forward)
@@ -286,12 +293,25 @@ def rewrite_site(graph: Graph, fake_mode, site: Site, forward: Variant, backward
             backward_result, backward_replacements = _build_backward(ops, site, backward)
             replacements.update(backward_replacements)
     except Exception as e:
-        ops.erase_created()
+        try:
+            ops.erase_created()
+        except Exception as cleanup:   # new nodes may be left in the graph: the caller restores it
+            raise SiteHalfRewritten(Stage.REWRITE, cleanup) from e
         if isinstance(e, RewriteError):
             raise
         raise RewriteError(f"{type(e).__name__}: {e}") from e
 
-    new_nodes = set(ops.created)
+    try:
+        _redirect_uses(graph, site, backward, replacements, set(ops.created))
+    except Exception as e:   # uses already redirected cannot be taken back here: the caller restores the graph
+        raise SiteHalfRewritten(Stage.REWRITE, e) from e
+    return RewrittenSite(site, forward, backward, tuple(ops.created), _products(forward_result, backward_result),
+                         dict(forms or {}))
+
+
+def _redirect_uses(graph: Graph, site: Site, backward: Variant | None, replacements: dict[Node, Node],
+                   new_nodes: set[Node]) -> None:
+    """Point every use of the site's old values at the new ones, then erase what lost its last user."""
     keep_unsaved(site.anchor)
     for node in _upcasts_worth_recomputing(site):
         keep_unsaved(node)
@@ -306,8 +326,6 @@ def rewrite_site(graph: Graph, fake_mode, site: Site, forward: Variant, backward
     # The site's old nodes that lost their last user go, and so do their inputs that only they used;
     # nodes runlora created (for this site or an earlier one) stay.
     erase_unused(graph, site.nodes(), erasable=lambda node: not made_by_runlora(node))
-    return RewrittenSite(site, forward, backward, tuple(ops.created), _products(forward_result, backward_result),
-                         dict(forms or {}))
 
 
 def _products(forward: ForwardResult, backward: BackwardResult | None) -> SiteProducts:

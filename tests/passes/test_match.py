@@ -308,7 +308,12 @@ def test_half_adapters(half):
         torch._dynamo.reset()
         reports = compare_with_eager(model, x, rtol=2e-2, forward=forward, backward=backward)
         (site,) = sites(reports)
-        assert site.dtype == str(half).replace("torch.", "") and (site.forward, site.backward) == (forward, backward)
+        assert site.dtype == str(half).replace("torch.", "")
+        if half == torch.float16 and forward == "forward2":   # fp16's range cannot hold every W + s·B·A
+            assert (site.forward, site.backward) == ("forward1", "backward1")
+            assert any("fp16" in n and "forced forward2 is illegal" in n for n in site.notes)
+        else:
+            assert (site.forward, site.backward) == (forward, backward)
 
 
 def test_autocast_on_an_fp32_model():
