@@ -24,7 +24,7 @@ import itertools
 import re
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 
@@ -93,22 +93,26 @@ class GraphCapture:
     def wants_pictures(self) -> bool:
         return self.folder is not None
 
-    def site_before(self, nodes: Iterable[torch.fx.Node]):
+    def site_before(self, site):
+        """The picture of a matched site (passes/site.py `Site`), before it is rewritten; None if no
+        pictures are asked for or reading it failed."""
         if not self.wants_pictures:
             return None
         with debug.never_raise("reading a site for its picture"):
             from lora_rewrite import pictures
 
-            return pictures.capture(nodes)
+            return pictures.capture_site(site)
         return None
 
-    def site_after(self, module: str, before, new_nodes: Iterable[torch.fx.Node]) -> None:
+    def site_after(self, done, before) -> None:
+        """The picture of the same site rewritten (passes/rewrite.py `RewrittenSite`), kept with `before`."""
         if before is None:
             return
+        module = done.site.module_path
         with debug.never_raise(f"reading {module} for its picture"):
             from lora_rewrite import pictures
 
-            self.pictures.append((module, before, pictures.capture(new_nodes, roles=before.roles)))
+            self.pictures.append((module, before, pictures.capture_rewritten(done, before)))
 
     def finish(self, report) -> None:
         with debug.never_raise("the structured-trace artifacts runlora_joint_after and runlora_report"):
@@ -137,11 +141,8 @@ def draw_site(stem: Path, module: str, site, before, after, kind: str = "joint")
     """site<k>_before / site<k>_after, titled with the site, the variants chosen and the cost."""
     from lora_rewrite import pictures
 
-    dims = {"i": site.i, "o": site.o, "r": site.r} if site is not None else {}
-    scale = site.scale if site is not None else None
     for stage, picture in (("before", before), ("after", after)):
-        pictures.draw(picture, Path(f"{stem}_{stage}"), stage=stage, title=site_title(module, site, stage, kind),
-                      scale=scale, dims=dims)
+        pictures.draw(picture, Path(f"{stem}_{stage}"), stage=stage, title=site_title(module, site, stage, kind))
 
 
 def site_title(module: str, site, stage: str, kind: str = "joint") -> str:

@@ -2,15 +2,20 @@
 
 Every value is labelled with what it is in the README's notation, not with its aten node name:
 
-    X [N,i], W [o,i], A [r,i], B [o,r], bias, dY [N,o]       the site's inputs (found once, before)
+    X [N,i], W [o,i], A [r,i], B [o,r], bias, dY [N,o]       the site's inputs
     X·Aᵀ, (X·Aᵀ)·(s·B)ᵀ, …                                  each product as the graph brackets it
     Z1 = s·dY·B, W′ = W + s·B·A                             named wherever they appear
     Y, dA, dB, dX                                            the values that leave the site
 
+The roles are not guessed from the graph: they are the matcher's (`Site`, passes/site.py), read once
+before the rewrite and kept for the after-picture, where each value that leaves the site is whatever
+now stands where the old one was read (`RewrittenSite`, passes/rewrite.py, replaced every use).
+What is guessed is only the algebra in between, the label of each product.
+
 Views, reshapes, transposes and casts are not drawn: a transpose shows as ᵀ on its operand, a cast as the
 dtype under the label. The drawing is layered left to right (longest path), edges that skip a layer
 run through reserved empty slots, and every slanted stretch of an edge lies in the gap between two
-columns, so no edge crosses a node. matplotlib is the only drawing dependency.
+columns, so no edge crosses a node. matplotlib draws; networkx orders the layers.
 
 Labelling is best effort: a value it cannot express in roles keeps its FX node name.
 """
@@ -231,10 +236,6 @@ def root(node: Any) -> Any:
     return node
 
 
-def _is_param(node: Any) -> bool:
-    return isinstance(node, Node) and node.op == "placeholder" and "tangents" not in str(node.target)
-
-
 def _ignores_first_input(node: Any) -> bool:
     """addmm(c, a, b, beta=0): c is never read (runlora's s·(a·b) as one BLAS call)."""
     return isinstance(node, Node) and op_name(node) == "addmm" and node.kwargs.get("beta", 1) == 0
@@ -252,28 +253,6 @@ def _read_only_as_ignored_input(node: Node) -> bool:
     return bool(node.users) and all(_ignores_first_input(u) and node not in u.args[1:3] for u in node.users)
 
 
-def _is_tangent(node: Any) -> bool:
-    return isinstance(node, Node) and node.op == "placeholder" and "tangents" in str(node.target)
-
-
-def _nearby(core: list[Node], depth: int = OUTSIDE_DEPTH) -> list[Node]:
-    """The nodes the core reads, and what those read, `depth` ops up (views not counted)."""
-    seen, frontier, result = set(core), list(core), []
-    for _ in range(depth + 1):
-        nxt = []
-        for n in frontier:
-            for a in n.all_input_nodes:
-                while a not in seen and is_view(a):
-                    seen.add(a)
-                    a = a.args[0]
-                if a not in seen:
-                    seen.add(a)
-                    result.append(a)
-                    nxt.append(a)
-        frontier = nxt
-    return result
-
-
 def root_any(node: Any) -> Any:
     """As `root`, through permutes of any rank too: the op that produced the storage."""
     while isinstance(node, Node) and node.op == "call_function" and node.args and isinstance(node.args[0], Node) \
@@ -282,81 +261,95 @@ def root_any(node: Any) -> Any:
     return node
 
 
-def dropout_input(x: Node) -> Node | None:
-    """X when `x` is dropout(X) as Inductor decomposes it (X times a boolean mask, times 1/(1-p)) or as
-    native_dropout computes it; None otherwise."""
-    if op_name(x) == "getitem" and isinstance(x.args[0], Node) and op_name(x.args[0]) == "native_dropout":
-        return root(x.args[0].args[0])
-    if op_name(x) != "mul":
-        return None
-    if any(isinstance(v, (int, float)) for v in x.args):
-        x = next((v for v in x.args if isinstance(v, Node)), None)
-        if x is None or op_name(x) != "mul":
-            return None
-    tensors = [v for v in x.args if isinstance(v, Node)]
-    masks = [v for v in tensors if _dtype(root_any(v)) == "bool"]
-    others = [v for v in tensors if v not in masks]
-    return root(others[0]) if len(masks) == 1 and len(others) == 1 else None
+@dataclass
+class SiteRoles:
+    """What the matcher's `Site` record says each value of the site is, kept from before the rewrite
+    to label the after-picture alike.
+
+    The inputs (X, A, B, W, bias, dY) are nodes the rewrite leaves in place. The values that leave
+    the site (Y, dA, dB, dX) are replaced, every reader pointed at the new value
+    (passes/rewrite.py): so each is kept as where it is read, and is, after, whatever is read there.
+    """
+    inputs: dict            # Node -> role
+    results: dict           # Node -> Y | dA | dB | dX, the site's own nodes
+    readers: list           # (role, a node outside the site that reads it, the position it reads it at)
 
 
-def find_roles(core: list[Node]) -> dict[Node, str]:
-    """The site's inputs by role, read off the PEFT graph: X and A from the first product X·Aᵀ, B from
-    the product that reads it, W and bias by shape among the parameters nearby, dY as the [.., o]
-    gradient the site's backward products read (the tangent, or deeper in a model what a later layer's
-    backward produced)."""
-    roles: dict[Node, str] = {}
-    anchor = next((n for n in core if op_name(n) == "mm" and _is_param(root(n.args[1]))), None)
-    if anchor is None:
-        return roles
-    x, a = root(anchor.args[0]), root(anchor.args[1])
-    undropped = dropout_input(x)
-    if undropped is not None:
-        roles[x] = "drop(X)"
-        x = undropped
-    roles[x], roles[a] = "X", "A"
-    b = None
+def site_roles(site) -> SiteRoles:
+    """The roles of a matched site (passes/site.py `Site`), from its record."""
+    core = site.nodes()
+    results = _result_roles(site)
+    inside = set(core)
+    readers = [(role, user, k) for node, role in results.items() for user in node.users if user not in inside
+               for k, read in enumerate(_inputs_in_order(user)) if read is node]
+    return SiteRoles(_input_roles(site, core), results, readers)
+
+
+def _input_roles(site, core: list[Node]) -> dict[Node, str]:
+    """X, A and B from the forward chain; W and bias from its base linear; dY from its gradients.
+    Under the adapter's own dropout (`SiteFacts.dropout`) the adapter reads drop(X) and the base X."""
+    fwd, roles = site.forward, {}
+    linear = fwd.linear
+    if linear is not None:
+        roles[root(linear.w_io)] = "W"
+        if linear.bias is not None:
+            roles[root(linear.bias)] = "bias"
+        if site.facts.dropout or site.facts.adapter_reads_base_input:
+            roles[root(linear.x)] = "X"
+    roles[root(fwd.x)] = "drop(X)" if site.facts.dropout else "X"
+    roles[root(fwd.a)], roles[root(fwd.b)] = "A", "B"
+    if site.backward is not None:
+        roles.update(_output_gradient_views(root_any(site.backward.dy), core, site.dims.o, roles))
+    return roles
+
+
+def _output_gradient_views(gradient: Node, core: list[Node], o: Any, roles: dict) -> dict[Node, str]:
+    """dY for the output gradient and each [.., o] view of it the site reads it through: named one by
+    one because a permute of any rank, which `expression` does not see through, may be among them."""
+    core_set, found = set(core), {}
     for n in core:
-        if op_name(n) == "mm" and n is not anchor and root(n.args[0]) is anchor and _is_param(root(n.args[1])):
-            b = root(n.args[1])
-    if b is None:
-        return roles
-    roles[b] = "B"
-    i, o = (_shape(x) or (0,))[-1], (_shape(b) or (0,))[0]
-    for n in _nearby(core):
-        shape = _shape(n)
-        if n in roles or shape is None or not _is_param(n):
-            continue
-        if len(shape) == 2 and sorted(shape) == sorted((o, i)):
-            roles[n] = "W"
-        elif shape == (o,):
-            roles[n] = "bias"
-    core_set = set(core)
-    gradient = None
-    for n in core:
-        if op_name(n) not in ("mm", "mul"):
-            continue
         for arg in n.all_input_nodes:
             d = arg
-            while is_view(d) and isinstance(d.args[0], Node) and (_shape(d.args[0]) or (0,))[-1:] == (o,):
+            while d not in core_set and root_any(d) is gradient:
+                if (_shape(d) or (0,))[-1:] == (o,) and d not in roles:
+                    found[d] = "dY"
+                if d is gradient or not isinstance(d.args[0], Node):
+                    break
                 d = d.args[0]
-            if d in core_set or root(d) in roles or (_shape(d) or (0,))[-1:] != (o,):
-                continue
-            if _is_tangent(root(d)) or contains(expression(d, roles, core_set), Opaque):
-                gradient = root_any(d)
-                break
-        if gradient is not None:
-            break
-    if gradient is not None:   # every [.., o] view of that gradient the site reads is dY
-        for n in core:
-            for arg in n.all_input_nodes:
-                d = arg
-                while d not in core_set and root_any(d) is gradient:
-                    if (_shape(d) or (0,))[-1:] == (o,) and d not in roles:
-                        roles[d] = "dY"
-                    if d is gradient or not isinstance(d.args[0], Node):
-                        break
-                    d = d.args[0]
-    return roles
+    return found
+
+
+def _result_roles(site) -> dict[Node, str]:
+    """Y, dA, dB and dX as the record names them. dX is the sum the adapter's dX_a joins when the
+    matcher found it (`InputGradSum`), else dX_a itself; the base's summand is listed too, because a
+    rewritten total dX takes its place in the sum (passes/rewrite.py, DxMode.TOTAL)."""
+    results = {site.forward.out: "Y"}
+    grads = site.backward
+    if grads is None:
+        return results
+    results[grads.grad_a], results[grads.grad_b] = "dA", "dB"
+    if grads.dx_sum is not None:
+        results[grads.dx_sum.lora_add] = results[grads.dx_sum.base_end] = "dX"
+    elif grads.grad_x_lora is not None:
+        results[grads.grad_x_lora] = "dX"
+    return results
+
+
+def _inputs_in_order(node: Node) -> list[Node]:
+    """Every node `node` reads, once per place it reads it, in a fixed order."""
+    read: list[Node] = []
+    torch.fx.node.map_arg((node.args, node.kwargs), read.append)
+    return read
+
+
+def replacement_roles(roles: SiteRoles, new_nodes: set) -> dict[Node, str]:
+    """Y, dA, dB and dX after the rewrite: what each old value's readers read now, where runlora made it."""
+    results = {}
+    for role, user, k in roles.readers:
+        read = _inputs_in_order(user)
+        if k < len(read) and read[k] in new_nodes:
+            results[read[k]] = role
+    return results
 
 
 def expression(node: Any, roles: dict, core: set, depth: int = 64, memo: dict | None = None):
@@ -449,13 +442,15 @@ class PictureNode:
     shape: tuple | None
     dtype: str
     names: list          # FX node names it stands for
-    leaves: bool = False  # its value is used outside the site (Y, dA, dB, dX)
+    leaves: bool = False  # its value is used outside the site
+    result: str | None = None   # Y, dA, dB or dX, where it is one of the values the site hands on
 
 
 @dataclass
 class SitePicture:
     """A drawable summary of one site's subgraph, taken before the graph changes further."""
-    roles: dict                                   # Node -> role (kept to label the after-picture alike)
+    roles: SiteRoles | None                       # the before-picture's, kept to label the after-picture alike
+    scale: Any                                    # s, when a Python number (a tensor scale is drawn as s)
     nodes: dict = field(default_factory=dict)     # key -> PictureNode
     edges: list = field(default_factory=list)     # (key, key)
 
@@ -465,12 +460,27 @@ def _dtype(node: Any) -> str:
     return str(v.dtype).replace("torch.", "") if isinstance(v, torch.Tensor) else ""
 
 
-def capture(core_nodes: Iterable[Any], roles: dict | None = None) -> SitePicture:
-    """The site's computing nodes (views folded into their users), its inputs by role, and edges."""
+def capture_site(site) -> SitePicture:
+    """A matched site (passes/site.py `Site`) as PEFT and autograd computed it."""
+    roles = site_roles(site)
+    scale = site.forward.scale if isinstance(site.forward.scale, (int, float)) else None
+    picture = capture(site.nodes(), roles.inputs, roles.results, scale)
+    picture.roles = roles
+    return picture
+
+
+def capture_rewritten(done, before: SitePicture) -> SitePicture:
+    """The same site after the rewrite (passes/rewrite.py `RewrittenSite`): the nodes runlora added."""
+    new_nodes = list(done.new_nodes)
+    return capture(new_nodes, before.roles.inputs, replacement_roles(before.roles, set(new_nodes)), before.scale)
+
+
+def capture(core_nodes: Iterable[Any], roles: dict, results: dict, scale: Any = None) -> SitePicture:
+    """The site's computing nodes (views folded into their users), its inputs by role, and edges;
+    `results` names the values among `core_nodes` that the site hands on (Y, dA, dB, dX)."""
     core = [n for n in core_nodes if isinstance(n, Node)]
     core_set = set(core)
-    roles = find_roles(core) if roles is None else roles
-    picture = SitePicture(roles=roles)
+    picture = SitePicture(roles=None, scale=scale)
     drawn = [n for n in core if not is_view(n) and not _read_only_as_ignored_input(n)]
     drawn_set = set(drawn)
     known = dict(roles)   # and each input no role expresses, by its own name, as its box is labelled
@@ -509,19 +519,26 @@ def capture(core_nodes: Iterable[Any], roles: dict | None = None) -> SitePicture
                 picture.edges.append(edge)
     for n in core:   # a value leaves the site when anything outside it (the output included) reads it
         if any(_read_outside(u, core_set) for u in n.users):
-            src = n
-            while src not in drawn_set and is_view(src):
-                src = src.args[0]
-            if src.name in picture.nodes:
-                drawn_node = picture.nodes[src.name]
-                drawn_node.leaves = True
-                if src is not n and len(src.users) == 1 and _shape(n) is not None and _shape(src) is not None \
-                        and len(_shape(n)) == 2 and tuple(_shape(n)) == tuple(reversed(_shape(src))):
-                    # A product in its transposed form leaves as its transposed view: drawn as what
-                    # leaves (dB = s·(dYᵀ·Z2), not s·(Z2ᵀ·dY)).
-                    drawn_node.expr = expression(n, known, core_set, memo=memo)
-                    drawn_node.shape = _shape(n)
+            _mark_leaving(picture, n, drawn_set, results.get(n), lambda m: expression(m, known, core_set, memo=memo))
     return picture
+
+
+def _mark_leaving(picture: SitePicture, n: Node, drawn_set: set, result: str | None, expression_of) -> None:
+    """Mark the drawn node `n` is (or views) as leaving the site, named `result` where it is one."""
+    src = n
+    while src not in drawn_set and is_view(src):
+        src = src.args[0]
+    if src.name not in picture.nodes:
+        return
+    drawn_node = picture.nodes[src.name]
+    drawn_node.leaves = True
+    drawn_node.result = result or drawn_node.result
+    if src is not n and len(src.users) == 1 and _shape(n) is not None and _shape(src) is not None \
+            and len(_shape(n)) == 2 and tuple(_shape(n)) == tuple(reversed(_shape(src))):
+        # A product in its transposed form leaves as its transposed view: drawn as what leaves
+        # (dB = s·(dYᵀ·Z2), not s·(Z2ᵀ·dY)).
+        drawn_node.expr = expression_of(n)
+        drawn_node.shape = _shape(n)
 
 
 def _read_outside(user: Node, core: set) -> bool:
@@ -539,32 +556,15 @@ def _untransposed(e):
 
 # --- labels -------------------------------------------------------------------------------------------------
 
-def result_name(node: PictureNode, dims: dict) -> str | None:
-    """Y, dA, dB or dX for a value that leaves the site, by its shape and whether it depends on dY."""
-    shape = node.shape or ()
-    grad = contains(node.expr, Sym, "dY")
-    i, o, r = dims.get("i"), dims.get("o"), dims.get("r")
-    if not grad:
-        return "Y" if shape[-1:] == (o,) else None
-    if shape == (r, i):
-        return "dA"
-    if shape == (o, r):
-        return "dB"
-    if shape[-1:] == (i,):
-        return "dX"
-    return None
-
-
-def node_label(node: PictureNode, scale: Any, dims: dict) -> tuple[str, str]:
+def node_label(node: PictureNode, scale: Any) -> tuple[str, str]:
     """(the main line: what the value is, in roles; the shape and dtype line)."""
     named = name_known(node.expr, scale)
     if node.kind == "op" and isinstance(named, Sym):   # the value is Z1 or W′ itself: say what it is made of
         text = f"{render(named)} = {render(_operands_named(node.expr, scale))}"
     else:
         text = render(named)
-    name = result_name(node, dims) if node.kind == "op" and node.leaves else None
-    if name:
-        text = f"{name} = {text}"
+    if node.kind == "op" and node.result:
+        text = f"{node.result} = {text}"
     shape = f"{list(node.shape) if node.shape is not None else '?'} {node.dtype}".strip()
     return text, shape
 
@@ -591,17 +591,17 @@ class Layout:
 def layered(keys: list, edges: list) -> Layout:
     """Longest-path columns (each input pulled right next to its first reader), one reserved dummy slot
     per column an edge skips, then barycentre sweeps to cut crossings."""
-    preds = {k: [] for k in keys}
-    succs = {k: [] for k in keys}
-    for u, v in edges:
-        succs[u].append(v)
-        preds[v].append(u)
+    import networkx as nx
+
+    dag = nx.DiGraph()
+    dag.add_nodes_from(keys)
+    dag.add_edges_from(edges)
     layer: dict = {}
-    for k in _topological(keys, preds, succs):
-        layer[k] = max((layer[p] + 1 for p in preds[k]), default=0)
+    for k in nx.topological_sort(dag):
+        layer[k] = max((layer[p] + 1 for p in dag.predecessors(k)), default=0)
     for k in keys:
-        if not preds[k] and succs[k]:
-            layer[k] = min(layer[c] for c in succs[k]) - 1
+        if not dag.in_degree(k) and dag.out_degree(k):
+            layer[k] = min(layer[c] for c in dag.successors(k)) - 1
     used = sorted(set(layer.values()))
     compact = {c: n for n, c in enumerate(used)}
     layer = {k: compact[c] for k, c in layer.items()}
@@ -631,20 +631,6 @@ def layered(keys: list, edges: list) -> Layout:
         for c in range(len(columns) - 2, -1, -1):
             _sort_by_barycentre(columns[c], columns[c + 1], right)
     return out
-
-
-def _topological(keys, preds, succs) -> list:
-    pending = {k: len(preds[k]) for k in keys}
-    ready = [k for k in keys if not pending[k]]
-    order = []
-    while ready:
-        k = ready.pop(0)
-        order.append(k)
-        for s in succs[k]:
-            pending[s] -= 1
-            if not pending[s]:
-                ready.append(s)
-    return order + [k for k in keys if k not in order]
 
 
 def _sort_by_barycentre(column: list, neighbour_column: list, neighbours: dict) -> None:
@@ -734,7 +720,7 @@ def geometry(picture: SitePicture, labels: dict) -> Geometry:
     return Geometry(boxes, edges, width, height)
 
 
-def draw(picture: SitePicture, stem: Path, *, stage: str, title: str, scale: Any, dims: dict) -> list[Path]:
+def draw(picture: SitePicture, stem: Path, *, stage: str, title: str) -> list[Path]:
     """Write `stem`.png and `stem`.svg. `stage` is "before" (PEFT as traced) or "after" (runlora)."""
     import matplotlib
 
@@ -743,7 +729,7 @@ def draw(picture: SitePicture, stem: Path, *, stage: str, title: str, scale: Any
     from matplotlib.patches import FancyBboxPatch, Patch
 
     keys = list(picture.nodes)
-    labels = {k: node_label(picture.nodes[k], scale, dims) for k in keys}
+    labels = {k: node_label(picture.nodes[k], picture.scale) for k in keys}
     geo = geometry(picture, labels)
     width, height = geo.width, geo.height
     header, footer, side = 0.75, 0.55, 0.25

@@ -136,7 +136,7 @@ def _rewrite_sites(graph: Graph, anchors: list, backward: set, options: RunLoraO
             site = _site_stage(options, Stage.MATCH, match_site, anchor, backward)
             plan = _site_stage(options, Stage.PLAN, plan_site, site, options)
             site_row = _site_stage(options, Stage.REPORT, debug.site_report, site, plan, options.criterion)
-            before = capture.site_before(site.nodes())
+            before = capture.site_before(site)
             done = rewrite_site(graph, fake_mode, site, plan.forward.variant,
                                 plan.backward.variant if plan.backward else None, plan.forms)
         except NoMatch as no_match:
@@ -159,7 +159,7 @@ def _rewrite_sites(graph: Graph, anchors: list, backward: set, options: RunLoraO
                 raise
             path, key = _module_of(anchor)
             raise _RestartWithout(index, _contained_site(path, key, Stage.REWRITE, error, restored=True)) from error
-        capture.site_after(site.module_path, before, done.new_nodes)
+        capture.site_after(done, before)
         report.sites.append(site_row)
         rewritten.append(done)
         planned.append((site, plan))

@@ -54,8 +54,7 @@ def captured_sites(monkeypatch, tmp_path, model, x, **options):
 
 
 def main_labels(picture, site):
-    return {pictures.node_label(n, site.scale, {"i": site.i, "o": site.o, "r": site.r})[0]
-            for n in picture.nodes.values()}
+    return {pictures.node_label(n, site.scale)[0] for n in picture.nodes.values()}
 
 
 ATEN_NAME = re.compile(r"\b(mm|addmm|permute|view|mul|add|reshape|primals|tangents|clone)(_\w*)?\b")
@@ -75,8 +74,7 @@ def test_site_pictures_label_roles_not_aten_names(monkeypatch, tmp_path):
     assert {"X", "W", "A", "B", "bias", "dY", "W′ = W + s·(B·A)", "Y = bias + X·W′ᵀ",
             "Z1 = s·(dY·B)", "dA = Z1ᵀ·X", "dB = s·(dYᵀ·(X·Aᵀ))", "dX = dY·W′"} <= rewritten
     assert "s·B" not in rewritten
-    label = {key: pictures.node_label(n, site.scale, {"i": site.i, "o": site.o, "r": site.r})[0]
-             for key, n in after.nodes.items()}
+    label = {key: pictures.node_label(n, site.scale)[0] for key, n in after.nodes.items()}
     into_grad_b = {label[src] for src, dst in after.edges if label[dst].startswith("dB")}
     assert into_grad_b == {"dY", "X·Aᵀ"}, into_grad_b
     for label in as_traced | rewritten:
@@ -117,6 +115,45 @@ def test_site_pictures_show_a_folded_and_a_transposed_product_by_role(monkeypatc
         assert not ATEN_NAME.search(label) and "cat_" not in label, label
 
 
+def test_site_picture_roles_are_the_matchers_record(monkeypatch, tmp_path):
+    """Under PEFT's lora_dropout the adapter reads drop(X) and the base X, as SiteFacts.dropout says;
+    the values the site hands on are the record's Y, dA, dB and dX, before and after."""
+    x = torch.randn(4, 32, 16, requires_grad=True)
+    ((module, site, before, after, kind),) = captured_sites(monkeypatch, tmp_path, peft_linear(16, 24, 4, dropout=0.1),
+                                                            x, forward="forward1", backward="backward1")
+    assert set(before.roles.inputs.values()) == {"drop(X)", "X", "A", "B", "W", "bias", "dY"}
+    assert {"drop(X)", "dA = Z1ᵀ·drop(X)", "Y = bias + X·Wᵀ + s·((drop(X)·Aᵀ)·Bᵀ)"} <= main_labels(before, site)
+    assert "dA = Z1ᵀ·drop(X)" in main_labels(after, site)
+    for picture in (before, after):
+        assert sorted(n.result for n in picture.nodes.values() if n.result) == ["Y", "dA", "dB", "dX"]
+
+
+class TwoLinears(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(16, 24), torch.nn.Linear(24, 16)
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)))
+
+
+def test_site_picture_names_an_output_gradient_that_is_not_a_tangent(monkeypatch, tmp_path):
+    """The first layer's dY is what the second layer's backward computed, not a graph input."""
+    from peft import LoraConfig, get_peft_model
+
+    from helpers import randomize_adapters
+
+    torch.manual_seed(0)
+    model = get_peft_model(TwoLinears(), LoraConfig(r=4, lora_alpha=8, target_modules=["first", "second"]))
+    randomize_adapters(model)
+    drawn = captured_sites(monkeypatch, tmp_path, model, torch.randn(4, 32, 16, requires_grad=True),
+                           forward="forward2", backward="backward5")
+    ((site, before, after),) = [(site, before, after) for module, site, before, after, _ in drawn
+                                if module.endswith(".first")]
+    assert {"dY", "Z1 = (s·dY)·B", "dX = Z1·A + dY·W"} <= main_labels(before, site)
+    assert {"dY", "Z1 = s·(dY·B)", "dX = dY·W′"} <= main_labels(after, site)
+
+
 def _crosses(xs, ys, box, samples=60) -> bool:
     x, y, w, h = box
     for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
@@ -134,8 +171,7 @@ def test_pictures_run_left_to_right_and_no_edge_crosses_a_node(monkeypatch, tmp_
     ((module, site, before, after, kind),) = captured_sites(monkeypatch, tmp_path, peft_linear(16, 24, 4), x,
                                                             forward=forward, backward=backward)
     for picture in (before, after):
-        labels = {k: pictures.node_label(n, site.scale, {"i": site.i, "o": site.o, "r": site.r})
-                  for k, n in picture.nodes.items()}
+        labels = {k: pictures.node_label(n, site.scale) for k, n in picture.nodes.items()}
         geo = pictures.geometry(picture, labels)
         assert len(geo.edges) == len(picture.edges) >= 8
         for (u, v), (xs, ys) in geo.edges.items():
