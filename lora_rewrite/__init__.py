@@ -31,6 +31,14 @@ try:  # accelerate (Hugging Face Trainer) checks backend names against its own l
 except ImportError:
     pass
 
+# DoRA layers trace as one graph (lora_rewrite/traceable_peft.py): a stand-in for PEFT's one untraceable call.
+try:
+    from lora_rewrite import traceable_peft
+
+    traceable_peft.install()
+except Exception:   # never break loading the backend: DoRA layers then break the graph, as without it
+    pass
+
 # Installed: Dynamo loads the backend through the entry point, which must find the name unregistered
 # (it registers it itself). From a source checkout there is no entry point: register here.
 if not _installed_entry_point():

@@ -66,6 +66,7 @@ class SiteReport:
     forms: dict = field(default_factory=dict)         # {role: form} (lora_rewrite/forms.py); unnamed: default
     form_seconds: dict = field(default_factory=dict)  # {role: {form: measured seconds}}
     forms_source: str = "direct"                      # measured [(kept on disk) / : nothing to choose] / direct / forced
+    kind: str = "lora"                                # "lora" or "dora" (lora_rewrite/dora.py)
 
     def forms_text(self) -> str:
         """The forms that differ from each role's default, e.g. "dB transposed, Z1_in_dX folded"."""
@@ -109,6 +110,11 @@ def site_report(site: Site, plan: Plan, criterion: str) -> SiteReport:
             flops_before += sum(g.flops() for g in autograd_backward_gemms(report_dims))
             flops_after += plan.backward.variant.flops(report_dims) if plan.backward else 0
             saved = n_used * dims.r * site.forward.x.meta["val"].element_size()
+        if site.dora is not None:
+            from lora_rewrite.dora import peft_dora_gemms
+
+            flops_before = sum(g.flops() for g in peft_dora_gemms(report_dims, site.facts.dropout,
+                                                                   site.backward is not None))
     n, scale = dims.N, site.forward.scale
     dx_mode = site.backward.dx_mode if site.backward is not None and plan.backward else None
     return SiteReport(
@@ -124,7 +130,7 @@ def site_report(site: Site, plan: Plan, criterion: str) -> SiteReport:
         cost_unit=plan.forward.unit.value, flops_before=flops_before, flops_after=flops_after,
         saved_bytes_avoided=saved, notes=list(plan.notes), module_key=site.provenance.key,
         forms=dict(plan.forms), form_seconds={k: dict(v) for k, v in plan.form_seconds.items()},
-        forms_source=plan.forms_source,
+        forms_source=plan.forms_source, kind=site.kind,
     )
 
 

@@ -132,8 +132,6 @@ def _module_reason(layer: torch.nn.Module) -> str | None:
     active = [a for a in getattr(layer, "active_adapters", []) if a in layer.lora_A]
     if not active:
         return "no active adapter on this layer"
-    if any(getattr(layer, "use_dora", {}).get(a, False) for a in active):
-        return "DoRA: its magnitude rescaling is not covered by the rewrite"
     if any(getattr(layer, "lora_bias", {}).get(a, False) for a in active):
         return "lora_bias=True: not covered by the rewrite"
     return None

@@ -5,7 +5,7 @@ Every value is labelled with what it is in the README's notation, not with its a
     X [N,i], W [o,i], A [r,i], B [o,r], bias, dY [N,o]       the site's inputs
     X·Aᵀ, (X·Aᵀ)·(s·B)ᵀ, …                                  each product as the graph brackets it
     Z1 = s·dY·B, W′ = W + s·B·A                             named wherever they appear
-    Y, dA, dB, dX                                            the values that leave the site
+    Y, dA, dB, dX (and DoRA's dm)                            the values that leave the site
 
 The roles are not guessed from the graph: they are the matcher's (`Site`, passes/site.py), read once
 before the rewrite and kept for the after-picture, where each value that leaves the site is whatever
@@ -33,7 +33,7 @@ from torch.fx import Node
 # Ops that change how a value is viewed or stored, not what it is.
 VIEW_OPS = {"view", "reshape", "_unsafe_view", "expand", "clone", "_to_copy", "convert_element_type", "alias",
             "contiguous", "squeeze", "unsqueeze", "detach", "lift_fresh_copy"}
-PARAMETER_ROLES = ("W", "A", "B", "bias")
+PARAMETER_ROLES = ("W", "A", "B", "bias", "m")
 OUTSIDE_DEPTH = 3     # how many ops above the site an input's expression may reach (the base's X·Wᵀ + bias)
 
 
@@ -298,6 +298,8 @@ def _input_roles(site, core: list[Node]) -> dict[Node, str]:
             roles[root(linear.x)] = "X"
     roles[root(fwd.x)] = "drop(X)" if site.facts.dropout else "X"
     roles[root(fwd.a)], roles[root(fwd.b)] = "A", "B"
+    if site.dora is not None:   # DoRA's magnitude (lora_rewrite/dora.py)
+        roles[root(site.dora.magnitude)] = "m"
     if site.backward is not None:
         roles.update(_output_gradient_views(root_any(site.backward.dy), core, site.dims.o, roles))
     return roles
@@ -328,6 +330,8 @@ def _result_roles(site) -> dict[Node, str]:
     if grads is None:
         return results
     results[grads.grad_a], results[grads.grad_b] = "dA", "dB"
+    if site.dora is not None and site.dora.grad_m is not None:
+        results[site.dora.grad_m] = "dm"
     if grads.dx_sum is not None:
         results[grads.dx_sum.lora_add] = results[grads.dx_sum.base_end] = "dX"
     elif grads.grad_x_lora is not None:
@@ -761,7 +765,7 @@ def draw(picture: SitePicture, stem: Path, *, stage: str, title: str) -> list[Pa
               Patch(facecolor=COLORS["parameter"], edgecolor="#555555", label="parameter (W, A, B, bias)"),
               Patch(facecolor=op_color, edgecolor="#555555",
                     label="runlora's products" if stage == "after" else "PEFT's products and autograd's backward"),
-              Patch(facecolor="white", edgecolor="#111111", linewidth=2.2, label="leaves the site (Y, dA, dB, dX)")]
+              Patch(facecolor="white", edgecolor="#111111", linewidth=2.2, label="leaves the site (Y, dA, dB, dX, dm)")]
     fig.legend(handles=legend, loc="lower center", ncol=4, fontsize=7.5, frameon=False,
                bbox_to_anchor=(0.5, 0.02 / fig_h))
     fig.text(0.5, (footer - 0.08) / fig_h, "ᵀ: transposed   s: the LoRA scale   Z1 = s·dY·B   W′ = W + s·B·A   "

@@ -20,6 +20,7 @@ def measured_seconds(variant: Variant, dims: Dims, *, dtype=None, device=None, d
                      weight_stored_as_io: bool = False, dx_in_rows: bool = False, **_) -> float:
     """Seconds of one call of `variant`'s stage at `dims` (dX as `dx` says, when dims.needs_dx; in rows
     where it leaves the graph, `dx_in_rows`)."""
-    shape = stage_shape(variant, dims, dx if dims.needs_dx else None, dtype or torch.float32, weight_stored_as_io,
+    products = variant.products   # a DoRA variant is timed as the LoRA variant whose products it runs
+    shape = stage_shape(products, dims, dx if dims.needs_dx else None, dtype or torch.float32, weight_stored_as_io,
                         dx_in_rows)
-    return measure_stage(variant, shape, torch.device(device if device is not None else "cpu"), stage_time=True).seconds
+    return measure_stage(products, shape, torch.device(device if device is not None else "cpu"), stage_time=True).seconds

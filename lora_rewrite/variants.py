@@ -92,6 +92,8 @@ class SiteFacts:
     base_used_elsewhere: bool        # the base result feeds more than the site's sum
     needs_dx: bool                   # the adapter's input needs a gradient in this graph
     dx_sum_found: bool               # the base's dY·W is summed with the adapter's dX_a
+    dora: bool = False               # a DoRA site: Y = m/‖W + s·B·A‖ ⊙ (X·(W + s·B·A)ᵀ) + b (lora_rewrite/dora.py)
+    trains: bool = False             # the graph computes the site's gradients (a training graph)
 
 
 @dataclass(frozen=True)
@@ -103,10 +105,16 @@ class Variant:
     gemms: Callable[[Dims], list]
     merges_weight: bool    # builds W + s·B·A (from the base's Wᵀ operand and bias)
     guard: Callable[[SiteFacts], str | None]   # why it would be wrong at a site; None: legal there
+    lora: "Variant | None" = None   # a DoRA variant: the LoRA variant whose products it runs (lora_rewrite/dora.py)
 
     @property
     def stage(self) -> str:
-        return "forward" if self.name.startswith("forward") else "backward"
+        return "forward" if "forward" in self.name else "backward"
+
+    @property
+    def products(self) -> "Variant":
+        """The variant whose products are measured for this one's forms (itself, or its LoRA variant)."""
+        return self.lora or self
 
     def illegal_reason(self, facts: SiteFacts) -> str | None:
         """Why this variant would be wrong at a site with these facts (None: it is legal there)."""
@@ -207,6 +215,34 @@ class EagerOps(FixedForms):
 
     def t(self, a):
         return aten.permute.default(a, [1, 0])
+
+    # elementwise and reductions, for DoRA's magnitude (lora_rewrite/dora.py)
+    def mul(self, a, b):
+        return aten.mul.Tensor(a, b)
+
+    def div(self, a, b):
+        return aten.div.Tensor(a, b)
+
+    def add(self, a, b):
+        return aten.add.Tensor(a, b)
+
+    def sub(self, a, b):
+        return aten.sub.Tensor(a, b)
+
+    def sqrt(self, a):
+        return aten.sqrt.default(a)
+
+    def sum_dim(self, a, dim):
+        return aten.sum.dim_IntList(a, [dim])
+
+    def view(self, a, shape_args):
+        return aten.view.default(a, shape_args)
+
+    def cast(self, a, to_dtype):
+        return a if a.dtype == to_dtype else aten._to_copy.default(a, dtype=to_dtype)
+
+    def dtype_of(self, a):
+        return a.dtype
 
     def scale(self, a, s):
         if isinstance(s, (int, float)) and s == 1:

@@ -19,8 +19,9 @@ says which facts make it illegal.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.fx import Graph, Node
@@ -30,7 +31,8 @@ from lora_rewrite.passes.fx import (ADD, ADDMM, BMM, EXPAND, MM, MUL, VIEWS, anc
                                     is_call, is_matrix, is_weight, made_by_runlora, matmul_operands, random_ops,
                                     same_rows, same_scale, same_shape, same_size, same_value, shape, single_user,
                                     split_scale, strip_layout, transpose_source)
-from lora_rewrite.passes.match_input_grad import find_input_grad_sum
+from lora_rewrite.passes.match_dora import is_dora_norm_product, looks_like_dora, match_dora_site
+from lora_rewrite.passes.match_input_grad import input_grad_sum
 from lora_rewrite.passes.provenance import provenance_of
 from lora_rewrite.passes.site import ForwardChain, Gradients, LinearBase, NoMatch, Site
 
@@ -49,6 +51,8 @@ def match_site(anchor: Node, backward: set[Node]) -> Site:
     Raises:
         NoMatch: the forward chain is not a LoRA site the rewrite covers.
     """
+    if looks_like_dora(anchor, backward):
+        return match_dora_site(anchor, backward)
     forward = _match_forward(anchor, backward)
     gradients, backward_note = None, ""
     if backward:  # an inference graph has no backward to match
@@ -82,6 +86,8 @@ def find_anchors(graph: Graph, backward: set[Node]) -> list[Node]:
             continue
         x, at = node.args
         a = transpose_source(at)
+        if is_dora_norm_product(node):
+            continue   # eye(i)·Aᵀ: the first half of a DoRA norm's B·A, part of that site
         if a is None or shape(a) is None or len(shape(a)) != 2 or shape(x) is None or len(shape(x)) != 2:
             continue
         for user in node.users:
@@ -109,7 +115,7 @@ def _match_forward(anchor: Node, backward: set[Node]) -> ForwardChain:
     if not same_size(i, i_a) or isinstance(r, torch.SymInt) or isinstance(i, torch.SymInt):
         raise NoMatch("A's shape does not match X's features statically")
 
-    xab, b, o = _adapter_product(anchor, backward, r)
+    xab, b, o = match_adapter_product(anchor, backward, r)
     out, term, scale, out_shape_args, chain = _scaled_sum(xab)
     base = out.args[1] if out.args[0] is term else out.args[0]
     if base is term or not isinstance(base, Node):
@@ -145,7 +151,7 @@ def _match_forward(anchor: Node, backward: set[Node]) -> ForwardChain:
                         dtype=lora_dtype, base_dtype=dtype(base), nodes=(anchor, *chain, out))
 
 
-def _adapter_product(anchor: Node, backward: set[Node], r: Any) -> tuple[Node, Node, Any]:
+def match_adapter_product(anchor: Node, backward: set[Node], r: Any) -> tuple[Node, Node, Any]:
     """(xab, B, o): the forward's only use of X·Aᵀ, xab = (X·Aᵀ)·Bᵀ."""
     fwd_users = [u for u in anchor.users if u not in backward]
     if len(fwd_users) != 1:
@@ -249,6 +255,29 @@ def _through_view(node: Any) -> Any:
 # --- the backward -----------------------------------------------------------------------------------------
 
 def _match_backward(anchor: Node, forward: ForwardChain, backward: set[Node]) -> Gradients:
+    gradients = adapter_gradients(anchor, forward, backward, lambda g_source: _unscaled(g_source, forward))
+    if gradients.grad_x_lora is not None and forward.linear is not None:
+        dy = gradients.dy
+        dx_sum = input_grad_sum(gradients.grad_x_lora, forward.linear,
+                                lambda gb: same_value(strip_layout(gb), strip_layout(dy)), forward.sizes[2])
+        gradients = dataclasses.replace(gradients, dx_sum=dx_sum)
+    return gradients
+
+
+def _unscaled(g_source: Node, forward: ForwardChain) -> Node | None:
+    """dY where the gradient reaching B is g = s·dY (LoRA), else None."""
+    split = split_scale(g_source)
+    if split is not None and same_scale(split[1], forward.scale):
+        return split[0]
+    if isinstance(forward.scale, (int, float)) and forward.scale == 1:
+        return g_source
+    return None
+
+
+def adapter_gradients(anchor: Node, forward: ForwardChain, backward: set[Node],
+                      dy_of: Callable[[Node], Node | None]) -> Gradients:
+    """dB, Z1, dA and dX_a of the adapter, from g (the gradient reaching B: `dy_of(g)` is the output
+    gradient dY it scales, or None); `dx_sum` is left None for the caller to find."""
     grad_b = g = None
     for u in anchor.users:
         if u not in backward:
@@ -266,12 +295,8 @@ def _match_backward(anchor: Node, forward: ForwardChain, backward: set[Node]) ->
     # g = s·dY, as [N,o]: maybe a view (of a clone) of an nD product.
     g_source = strip_layout(g)
     dy_shape_args2d = g.args[1] if is_call(g, *VIEWS) else None
-    split = split_scale(g_source)
-    if split is not None and same_scale(split[1], forward.scale):
-        dy = split[0]
-    elif isinstance(forward.scale, (int, float)) and forward.scale == 1:
-        dy = g_source
-    else:
+    dy = dy_of(g_source)
+    if dy is None:
         raise NoMatch("the gradient reaching B is not the output gradient times the scale")
     if dtype(dy) != forward.dtype:
         raise NoMatch("the output gradient is in another dtype than the adapter")
@@ -302,11 +327,8 @@ def _match_backward(anchor: Node, forward: ForwardChain, backward: set[Node]) ->
         raise NoMatch("g·B is used by an op other than dA and the adapter's dX")
     if grad_a is None:
         raise NoMatch("dA = (g·B)ᵀ·X was not found")
-    dx_sum = None
-    if grad_x_lora is not None and forward.linear is not None:
-        dx_sum = find_input_grad_sum(grad_x_lora, forward.linear, dy, o)
     return Gradients(dy=dy, dy_shape_args2d=dy_shape_args2d, grad_a=grad_a, grad_b=grad_b,
-                     grad_x_lora=grad_x_lora, dx_sum=dx_sum,
+                     grad_x_lora=grad_x_lora, dx_sum=None,
                      nodes=(g_source, g, grad_b, z1, grad_a) + ((grad_x_lora,) if grad_x_lora is not None else ()))
 
 

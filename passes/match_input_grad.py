@@ -3,18 +3,18 @@
 Autograd writes the gradient of X, when the adapter reads the base's own input, as two products
 summed: dX_a = z1·A (z1 = s·dY·B) from the adapter and dY·W from the base linear. The merged backward
 variants (lora_rewrite/variants.py) replace that sum by one product, dX = dY·(W + s·B·A), so the
-matcher must find where the two meet: `find_input_grad_sum` returns that meeting point as an
+matcher must find where the two meet: `input_grad_sum` returns that meeting point as an
 `InputGradSum`, or None when the products are not summed in a form the rewrite covers.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from torch.fx import Node
 
 from lora_rewrite.passes.fx import (ADD, BMM, EXPAND, MM, PERMUTE, VIEWS, dtype, is_call, prims, same_shape,
-                                    same_size, same_value, shape, single_user, strip_layout, transpose_source)
+                                    same_size, shape, single_user, transpose_source)
 from lora_rewrite.passes.site import InputGradSum, LinearBase
 
 
@@ -43,16 +43,18 @@ def _summand(product: Node) -> tuple[Node, Any, Any, Node | None]:
     return end, view_args, cast_to, user
 
 
-def find_input_grad_sum(dxa: Node, linear: LinearBase, dy: Node, o: int) -> InputGradSum | None:
-    """Where dX_a (= z1·A) and the base's dY·W are summed, if they are: both products in the
-    adapter's dtype, reaching the same sum through the same view and cast."""
+def input_grad_sum(dxa: Node, linear: LinearBase, is_base_gradient: Callable[[Node], bool],
+                   o: int) -> InputGradSum | None:
+    """Where dX_a (= z1·A) and the base's input gradient G·W are summed, if they are: both products in
+    the adapter's dtype, reaching the same sum through the same view and cast. `is_base_gradient(G)`
+    says whether G is the base result's gradient (dY for LoRA)."""
     lora_end, lora_view_args, lora_cast, lora_add = _summand(dxa)
     if lora_add is None or not is_call(lora_add, ADD) or lora_add.kwargs:
         return None
     for product, gb, value in _input_grad_products(linear.w_io):
         batched = is_call(product, BMM)
         rows_match = same_size(shape(gb)[-1], o) if batched else same_shape(shape(gb), shape(dxa)[:1] + (o,))
-        if not (dtype(value) == dtype(dxa) and rows_match and same_value(strip_layout(gb), strip_layout(dy))):
+        if not (dtype(value) == dtype(dxa) and rows_match and is_base_gradient(gb)):
             continue
         base_end, view_args, base_cast, base_user = _summand(value)
         if batched and view_args is None:
@@ -72,8 +74,7 @@ def _input_grad_products(w_io: Node):
 
     - mm(dY, (Wᵀ)ᵀ), the usual form;
     - (Wᵀ·dYᵀ)ᵀ = mm(w_io, dYᵀ) transposed back, autograd's form for an input in transposed layout;
-    - bmm(dY, Wᵀ broadcast and transposed back to [B,o,i]), for a batched base (passes/match.py's
-      `_batched_linear_base`).
+    - bmm(dY, Wᵀ broadcast and transposed back to [B,o,i]), for a batched base (`_batched_linear_base`).
     """
     for user in list(w_io.users):
         if transpose_source(user) is w_io:

@@ -81,8 +81,9 @@ def plan_site(site: Site, options: RunLoraOptions) -> Plan:
     n_used = n if isinstance(n, int) else compat.size_hint(n)
     dims = replace(site.dims, N=n_used if n_used is not None else 1)
     n_known = n_used is not None
-    forward_legality = _legality(FORWARDS, site.facts)
-    backward_legality = _legality(BACKWARDS, site.facts) if site.backward is not None else {}
+    forwards, backwards = site_variants(site)
+    forward_legality = _legality(forwards, site.facts)
+    backward_legality = _legality(backwards, site.facts) if site.backward is not None else {}
     forward = _choose_stage("forward", forward_legality, options.forward, site, dims, options, notes, n_known)
     backward = None
     if site.backward is not None:
@@ -104,6 +105,24 @@ def plan_site(site: Site, options: RunLoraOptions) -> Plan:
         else:
             notes.append(f"dynamic_policy='guard' applies to the flops criterion; {options.criterion} used the hint")
     return Plan(forward, backward, n_used, notes, regime, forms, form_seconds, forms_source)
+
+
+def site_variants(site: Site) -> tuple[tuple[Variant, ...], tuple[Variant, ...]]:
+    """The forward and backward variants for the site's kind: LoRA's, or DoRA's (lora_rewrite/dora.py)."""
+    if site.dora is not None:
+        from lora_rewrite.dora import DORA_BACKWARDS, DORA_FORWARDS
+
+        return DORA_FORWARDS, DORA_BACKWARDS
+    return FORWARDS, BACKWARDS
+
+
+def _forced_variant(name: str, site: Site) -> Variant:
+    """A forced paper name ("backward5") as the site's kind runs it (dora-backward5 at a DoRA site)."""
+    if site.dora is not None:
+        from lora_rewrite.dora import DORA_BY_LORA_NAME
+
+        return DORA_BY_LORA_NAME[name]
+    return BY_NAME[name]
 
 
 def _weight_stored_as_io(site: Site) -> bool:
@@ -139,10 +158,11 @@ def plan_forms(site: Site, forward: Choice, backward: Choice | None, dims: Dims,
     for choice in (forward, backward):
         if choice is None:
             continue
-        shape = stage_shape(choice.variant, dims, context["dx"] if dims.needs_dx else None, site.forward.dtype,
+        products = choice.variant.products   # a DoRA variant runs its LoRA variant's products
+        shape = stage_shape(products, dims, context["dx"] if dims.needs_dx else None, site.forward.dtype,
                             context["weight_stored_as_io"], context["dx_in_rows"])
         try:
-            measured = measure_stage(choice.variant, shape, device)
+            measured = measure_stage(products, shape, device)
         except Exception as e:
             if is_out_of_memory(e):   # the site's activations once more did not fit: nothing is kept
                 free_device_memory(device)
@@ -175,7 +195,7 @@ def _choose_stage(stage: str, legality: dict[Variant, str | None], forced: str |
                   options: RunLoraOptions, notes: list, n_known: bool) -> Choice:
     legal = _legal(legality)
     if forced is not None:
-        variant = BY_NAME[forced]
+        variant = _forced_variant(forced, site)
         reason = legality[variant]
         if reason is None:
             return Choice(variant, forced=True, unit=CostUnit.FORCED)

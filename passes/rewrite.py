@@ -152,6 +152,28 @@ class GraphOps(FixedForms):
             return a
         return self.call(aten.mul.Tensor, a, s)
 
+    # elementwise and reductions, for DoRA's magnitude (lora_rewrite/dora.py)
+    def mul(self, a, b):
+        return self.call(aten.mul.Tensor, a, b)
+
+    def div(self, a, b):
+        return self.call(aten.div.Tensor, a, b)
+
+    def add(self, a, b):
+        return self.call(aten.add.Tensor, a, b)
+
+    def sub(self, a, b):
+        return self.call(aten.sub.Tensor, a, b)
+
+    def sqrt(self, a):
+        return self.call(aten.sqrt.default, a)
+
+    def sum_dim(self, a, dim):
+        return self.call(aten.sum.dim_IntList, a, [dim])
+
+    def dtype_of(self, a):
+        return dtype(a)
+
     def recompute(self, a):
         # The partitioner must recompute this value in the backward rather than save it. Only
         # values built here are tagged (s = 1 hands B itself back from `scale`); a view (a transposed
@@ -190,6 +212,8 @@ class GraphOps(FixedForms):
         return self.call(aten.reshape.default, a, shape_args)
 
     def cast(self, a, to_dtype):
+        if dtype(a) == to_dtype:
+            return a
         return self.call(prims.convert_element_type.default, a, to_dtype)
 
     def erase_created(self) -> None:
@@ -212,14 +236,14 @@ def _freeze(x: Any):
     return ("obj", id(x))
 
 
-def _matrix_2d(ops: GraphOps, node: Node, n_arg, cols: int) -> Node:
+def matrix_2d(ops: GraphOps, node: Node, n_arg, cols: int) -> Node:
     """node as [N, cols]: itself when 2-D, else a reshape (a view when its layout allows)."""
     if len(shape(node)) == 2:
         return node
     return ops.reshape(node, [n_arg, cols])
 
 
-def _check_same(new: Node, old: Node, what: str) -> None:
+def check_same(new: Node, old: Node, what: str) -> None:
     if not same_shape(shape(new), shape(old)) or dtype(new) != dtype(old):
         raise RewriteError(f"{what}: rewritten value is {dtype(new)}{list(shape(new) or ())}, "
                            f"expected {dtype(old)}{list(shape(old) or ())}")
@@ -232,7 +256,7 @@ def _build_forward(ops: GraphOps, site: Site, variant: Variant) -> ForwardResult
             lin = chain.linear
             operands = ForwardOperands(x=chain.x, a=chain.a, b=chain.b, s=chain.scale, w_io=lin.w_io, bias=lin.bias)
         else:
-            base = chain.base2d if chain.base2d is not None else _matrix_2d(ops, chain.base, chain.n_arg, site.dims.o)
+            base = chain.base2d if chain.base2d is not None else matrix_2d(ops, chain.base, chain.n_arg, site.dims.o)
             if dtype(base) != chain.dtype:
                 base = ops.cast(base, chain.dtype)
             operands = ForwardOperands(x=chain.x, a=chain.a, b=chain.b, s=chain.scale, base=base)
@@ -240,40 +264,63 @@ def _build_forward(ops: GraphOps, site: Site, variant: Variant) -> ForwardResult
         y = result.y
         if chain.out_shape_args is not None:
             y = ops.view(y, chain.out_shape_args)
-    _check_same(y, chain.out, "forward")
+    check_same(y, chain.out, "forward")
     return ForwardResult(y, xa=result.xa)
 
 
 def _build_backward(ops: GraphOps, site: Site, variant: Variant) -> tuple[BackwardResult, dict[Node, Node]]:
     """The backward variant's result, and the replacements {old node: new node} for the site's gradients."""
-    chain, grads, o = site.forward, site.backward, site.dims.o
+    chain, grads = site.forward, site.backward
     mode = grads.dx_mode
-    order = {n: k for k, n in enumerate(ops.graph.nodes)}
-    replaced = [n for n in (grads.grad_a, grads.grad_b, grads.grad_x_lora, grads.dx_sum and grads.dx_sum.base_mm) if n]
-    with ops.like(min(replaced, key=order.__getitem__)):
-        n_arg = chain.n_arg if grads.dy_shape_args2d is None else grads.dy_shape_args2d[0]
-        dy = _matrix_2d(ops, grads.dy, n_arg, o)
+    with ops.like(first_gradient(ops, site)):
         w_io = chain.linear.w_io if mode is DxMode.TOTAL else None
-        operands = BackwardOperands(dy=dy, x=chain.x, a=chain.a, b=chain.b, s=chain.scale, w_io=w_io, dx=mode,
-                                    dx_in_rows=mode is DxMode.TOTAL and grads.dx_sum.leaves_graph)
+        operands = BackwardOperands(dy=output_gradient_2d(ops, site), x=chain.x, a=chain.a, b=chain.b,
+                                    s=chain.scale, w_io=w_io, dx=mode, dx_in_rows=dx_in_rows(site))
         result = variant.compute(ops, operands)
-        replacements = {grads.grad_a: result.grad_a, grads.grad_b: result.grad_b}
-        grad_x = result.grad_x
-        if mode is DxMode.LORA:
-            replacements[grads.grad_x_lora] = grad_x
-        elif mode is DxMode.TOTAL:
-            dx_sum = grads.dx_sum
-            # dX folded with Z1 is a column slice of [dY·W′ | Z1] (copied to rows by the variant where it
-            # leaves the graph): reshaped, a view where its strides allow.
-            sliced = is_call(grad_x, aten.slice.Tensor)
-            if dx_sum.view_args is not None:
-                grad_x = (ops.reshape if sliced else ops.view)(grad_x, dx_sum.view_args)
-            if dx_sum.cast_to is not None:
-                grad_x = ops.cast(grad_x, dx_sum.cast_to)
-            replacements[dx_sum.base_end] = grad_x
-    for old, new in replacements.items():
-        _check_same(new, old, "backward")
+        replacements = gradient_replacements(ops, site, result.grad_a, result.grad_b, result.grad_x)
     return result, replacements
+
+
+def first_gradient(ops: GraphOps, site: Site) -> Node:
+    """The first of the site's gradient nodes in graph order: the new ones are inserted before it."""
+    grads = site.backward
+    order = {n: k for k, n in enumerate(ops.graph.nodes)}
+    replaced = [n for n in (grads.grad_a, grads.grad_b, grads.grad_x_lora, grads.dx_sum and grads.dx_sum.base_mm)
+                if n]
+    return min(replaced, key=order.__getitem__)
+
+
+def output_gradient_2d(ops: GraphOps, site: Site) -> Node:
+    """dY as [N,o]."""
+    chain, grads = site.forward, site.backward
+    n_arg = chain.n_arg if grads.dy_shape_args2d is None else grads.dy_shape_args2d[0]
+    return matrix_2d(ops, grads.dy, n_arg, site.dims.o)
+
+
+def dx_in_rows(site: Site) -> bool:
+    grads = site.backward
+    return grads.dx_mode is DxMode.TOTAL and grads.dx_sum.leaves_graph
+
+
+def gradient_replacements(ops: GraphOps, site: Site, grad_a: Node, grad_b: Node, grad_x: Node | None) -> dict:
+    """{old node: new node} for dA, dB and the input gradient a backward variant returned, checked."""
+    grads = site.backward
+    replacements = {grads.grad_a: grad_a, grads.grad_b: grad_b}
+    if grads.dx_mode is DxMode.LORA:
+        replacements[grads.grad_x_lora] = grad_x
+    elif grads.dx_mode is DxMode.TOTAL:
+        dx_sum = grads.dx_sum
+        # dX folded with Z1 is a column slice of [dY·W′ | Z1] (copied to rows by the variant where it
+        # leaves the graph): reshaped, a view where its strides allow.
+        sliced = is_call(grad_x, aten.slice.Tensor)
+        if dx_sum.view_args is not None:
+            grad_x = (ops.reshape if sliced else ops.view)(grad_x, dx_sum.view_args)
+        if dx_sum.cast_to is not None:
+            grad_x = ops.cast(grad_x, dx_sum.cast_to)
+        replacements[dx_sum.base_end] = grad_x
+    for old, new in replacements.items():
+        check_same(new, old, "backward")
+    return replacements
 
 
 def rewrite_site(graph: Graph, fake_mode, site: Site, forward: Variant, backward: Variant | None,
@@ -286,12 +333,17 @@ def rewrite_site(graph: Graph, fake_mode, site: Site, forward: Variant, backward
     restores it, lora_rewrite/containment.py)."""
     ops = GraphOps(graph, fake_mode, forms)
     try:
-        forward_result = _build_forward(ops, site, forward)
-        replacements = {site.forward.out: forward_result.y}
-        backward_result = None
-        if backward is not None:
-            backward_result, backward_replacements = _build_backward(ops, site, backward)
-            replacements.update(backward_replacements)
+        if site.dora is not None:
+            from lora_rewrite.passes.rewrite_dora import build_dora
+
+            forward_result, backward_result, replacements = build_dora(ops, site, forward, backward)
+        else:
+            forward_result = _build_forward(ops, site, forward)
+            replacements = {site.forward.out: forward_result.y}
+            backward_result = None
+            if backward is not None:
+                backward_result, backward_replacements = _build_backward(ops, site, backward)
+                replacements.update(backward_replacements)
     except Exception as e:
         try:
             ops.erase_created()

@@ -103,6 +103,25 @@ class Gradients:
 
 
 @dataclass(frozen=True)
+class DoraChain:
+    """What a DoRA site adds to the LoRA chain (lora_rewrite/dora.py): Y = mns ⊙ P + b with
+    mns = m / ‖W + s·B·A‖, and the magnitude's gradient.
+
+    The site's ForwardChain holds X̃ (the adapter's input), A, B, s, the sum `out` and the base product
+    (`linear`); `base2d` is the model's base result X·Wᵀ + b as [N,o]."""
+
+    magnitude: Node              # m [o], as the division reads it
+    mns: Node                    # m / ‖W′‖ [o] (the old division node)
+    norm: Node                   # ‖W′‖ [o], as PEFT computed it (eye trick and all)
+    norm_weight: Node            # W as the norm reads it: [o,i], in the norm's dtype
+    norm_reduce_dtype: torch.dtype  # the dtype the squares are summed in (fp32 for a 16-bit weight)
+    norm_out_dtype: torch.dtype  # the dtype the norm is cast to (PEFT's `.to(weight.dtype)`)
+    dropout_product: Node | None  # with dropout: the model's second base product X̃·Wᵀ [N,o]
+    grad_m: Node | None          # dm as autograd computes it (None: m needs no gradient, or inference)
+    nodes: tuple[Node, ...]      # the old nodes of the norm and the sum
+
+
+@dataclass(frozen=True)
 class Site:
     """One PEFT LoRA site `Y = X·Wᵀ (+ bias) + s·(X·Aᵀ)·Bᵀ` and its backward, as matched in the graph.
 
@@ -114,6 +133,7 @@ class Site:
         backward_note: why `backward` is None in a graph that has a backward ("" otherwise).
         dims: N, i, o, r and whether X needs a gradient: what the cost criteria read.
         facts: what the variants' guards read (lora_rewrite.variants.SiteFacts).
+        dora: a DoRA site's magnitude, norm and their gradient; None for a LoRA site.
     """
 
     anchor: Node
@@ -123,10 +143,15 @@ class Site:
     backward_note: str
     dims: Dims
     facts: SiteFacts
+    dora: DoraChain | None = None
 
     @property
     def module_path(self) -> str:
         return self.provenance.path
+
+    @property
+    def kind(self) -> str:
+        return "dora" if self.dora is not None else "lora"
 
     def nodes(self) -> list[Node]:
         """Every node of the graph the site consists of, forward and backward."""
@@ -137,6 +162,8 @@ class Site:
             if g.dx_sum is not None:
                 d = g.dx_sum
                 members += [d.lora_end, d.lora_add, d.base_mm, d.base_end]
+        if self.dora is not None:
+            members += list(self.dora.nodes) + [self.dora.grad_m]
         seen, result = set(), []
         for n in members:
             if isinstance(n, Node) and n not in seen:

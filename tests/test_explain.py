@@ -49,16 +49,25 @@ def test_explain_lists_every_site_of_a_small_llama():
     assert "base_model.model.model.layers.1.mlp.down_proj" in text and "why " in text
 
 
-def test_explain_lists_dora_layers_as_untouched_with_the_reason():
+def test_explain_lists_dora_sites_and_dora_left_untouched_with_the_reason():
+    """DoRA layers are rewritten sites (one graph: lora_rewrite/traceable_peft.py); with PEFT's default
+    fp32 adapters on a bf16 model they are left untouched, each named in the model with the reason."""
     model = tiny_llama(use_dora=True)
     ids = torch.randint(0, 128, (2, 8))
     report = explain(model, input_ids=ids, options={"codegen": False})
-    assert report.sites == []
-    assert len(report.untouched) == 14
-    assert all(u.reason.startswith("DoRA") for u in report.untouched)
-    # DoRA breaks the graph inside PEFT's layers: the compiled frame is then the layer itself, and each
-    # row still names its module in the model.
+    assert len(report.sites) == 14 and report.untouched == []
+    assert {s.kind for s in report.sites} == {"dora"} and all(s.forward.startswith("dora-") for s in report.sites)
+
+    torch.manual_seed(0)
+    mixed = tiny_llama(use_dora=True).to(torch.bfloat16)
+    for name, p in mixed.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()   # PEFT's autocast_adapter_dtype: adapters and magnitude in fp32
+    report = explain(mixed, input_ids=ids, options={"codegen": False})
+    assert report.sites == [] and len(report.untouched) == 14
     lora_layers = {u.module for u in report.untouched}
+    assert all(u.module.startswith("base_model.model.model.layers.") for u in report.untouched)
+    assert all("mixes dtypes" in u.reason for u in report.untouched)
     assert report.skipped and all(k.module in lora_layers for k in report.skipped)
     text = str(report)
     assert re.findall(r"^  untouched (\S+):", text, re.MULTILINE) == [k.module for k in report.skipped]

@@ -25,13 +25,20 @@ PROTOCOL_MIN_WARMUP = 3
 DEFAULT_IMPLS = ("eager", "inductor", "runlora", "frozen")
 # inductor-again: stock Inductor timed a second time in the same rounds, so its difference to
 # `inductor` is this machine's noise (the protocol: a difference smaller than that is noise).
-KNOWN_IMPLS = ("eager", "inductor", "inductor-again", "runlora", "frozen")
+KNOWN_IMPLS = ("eager", "inductor", "inductor-again", "runlora", "frozen", "inductor-breaks", "inductor-lora",
+               "runlora-lora")
+# --dora: PEFT DoRA adapters. inductor-breaks: stock Inductor on DoRA as users get it without lora_rewrite's
+# stand-in (a graph break in every DoRA layer); inductor: stock Inductor with the stand-in (one graph, the
+# fair baseline); inductor-lora / runlora-<criterion>-lora: plain LoRA of the same shapes, the price DoRA
+# should cost.
+DORA_DEFAULT_IMPLS = ("eager", "inductor-breaks", "inductor", "runlora", "inductor-lora", "runlora-lora", "frozen")
+LORA_SUFFIX = "-lora"   # an implementation run on the plain-LoRA twin of a --dora model
 # runlora-<criterion>-unfused: runlora with fuse_siblings off, to time the sibling fusion by itself.
 UNFUSED_SUFFIX = "-unfused"
 # runlora-<criterion>-direct: every product in its default form (options forms="direct"), to time the
 # measured product forms (lora_rewrite/forms.py) by themselves.
 DIRECT_SUFFIX = "-direct"
-SUFFIXES = (UNFUSED_SUFFIX, DIRECT_SUFFIX)
+SUFFIXES = (UNFUSED_SUFFIX, DIRECT_SUFFIX, LORA_SUFFIX)
 
 
 def _criterion_of(name: str) -> str:
@@ -64,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("-r", "--lora_r", type=int, default=8, help="LoRA rank (layer mode: --rank); default %(default)s")
     lora.add_argument("-a", "--lora_alpha", type=float, default=8, help="LoRA alpha, s = alpha / r; default %(default)s")
     lora.add_argument("-d", "--lora_dropout", type=float, default=0.0, help="dropout on the adapter input; default %(default)s")
+    lora.add_argument("--dora", action="store_true", help="PEFT DoRA adapters (use_dora=True); default impls "
+                      "then: " + " ".join(DORA_DEFAULT_IMPLS))
     lora.add_argument("--fp32-adapters", action="store_true", help="keep adapters in fp32 on a bf16 model "
                       "(PEFT's autocast_adapter_dtype default; makes the merged variants illegal). Default: "
                       "adapters in the model's dtype, as the paper")
@@ -81,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="k LoRA linears reading the same X, outputs concatenated (as q/k/v); default 1")
     layer.add_argument("--bias", action="store_true", help="base linears with bias (Llama's have none)")
     how = p.add_argument_group("how to measure")
-    how.add_argument("--impls", nargs="+", default=list(DEFAULT_IMPLS),
+    how.add_argument("--impls", nargs="+", default=None,
                      help="eager, inductor, runlora (one row per criterion), frozen; runlora-<criterion> also works; "
                           "inductor-again times stock Inductor a second time: its difference to inductor is noise; "
                           "runlora-<criterion>-unfused runs without the sibling fusion, "
@@ -118,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args) -> None:
+    if args.impls is None:
+        args.impls = list(DORA_DEFAULT_IMPLS if args.dora else DEFAULT_IMPLS)
+    dora_only = [n for n in args.impls if n == "inductor-breaks" or n.endswith(LORA_SUFFIX)]
+    if dora_only and not args.dora:
+        parser.error(f"{', '.join(dora_only)} compare against DoRA: give --dora")
     if not args.layer and not args.model_name_or_config:
         parser.error("give -m/--model_name_or_config, or --layer")
     if args.layer and args.out and args.out.isdigit():
@@ -147,6 +161,8 @@ def implementation_names(impls, criterions) -> list[str]:
     names: list[str] = []
     for name in impls:
         expanded = [f"runlora-{c}" for c in criterions] if name == "runlora" else [name]
+        if name == "runlora" + LORA_SUFFIX:
+            expanded = [f"runlora-{c}{LORA_SUFFIX}" for c in criterions]
         names += [n for n in expanded if n not in names]
     return names
 
@@ -170,10 +186,21 @@ def compile_for(name: str, module, args, extra_options: dict):
         return module
     if name.startswith("runlora"):
         return torch.compile(module, backend="runlora", options=runlora_options(name, args, extra_options))
-    # inductor and inductor-again: stock Inductor (again: the same compiled code, timed as another row)
+    # inductor, inductor-again, inductor-breaks, inductor-lora: stock Inductor (again: the same compiled code,
+    # timed as another row)
     if args.no_codegen:   # stock Inductor's passes and partitioner, without code generation
         return torch.compile(module, backend="runlora", options={"rewrite": False, "codegen": False})
+    if name == "inductor-breaks":   # a backend of its own: Dynamo must not serve inductor's frames to it, or back
+        return torch.compile(module, backend=stock_inductor_apart)
     return torch.compile(module)
+
+
+def stock_inductor_apart(gm, example_inputs):
+    """Stock Inductor (`compile_fx`, what backend="inductor" calls) as a backend object of its own, so that
+    Dynamo's compiled frames for it are never shared with another implementation's on the same module."""
+    from lora_rewrite import compat
+
+    return compat.compile_fx(gm, example_inputs, config_patches={})
 
 
 # --- the cases --------------------------------------------------------------------------------------
@@ -195,26 +222,34 @@ def model_case(args, device, dtype, extra_options, on_step):
     targets = args.target_modules or models.default_target_modules(spec.family)
     base = models.build_base_model(spec, dtype=dtype, device=device, seed=args.seed)
     frozen = copy.deepcopy(base).requires_grad_(False)
-    peft_model = models.add_lora(base, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                                 target_modules=targets, fp32_adapters=args.fp32_adapters, seed=args.seed)
-    inputs = models.make_model_inputs(spec, batch, seq_len, device, seed=args.seed, frozen_model=frozen)
     names = implementation_names(args.impls, args.criterions)
+    lora_twin = copy.deepcopy(base) if any(n.endswith(LORA_SUFFIX) for n in names) else None
+    peft_model = models.add_lora(base, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                                 target_modules=targets, fp32_adapters=args.fp32_adapters, seed=args.seed,
+                                 use_dora=args.dora)
+    if lora_twin is not None:
+        lora_twin = models.add_lora(lora_twin, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                                    target_modules=targets, fp32_adapters=args.fp32_adapters, seed=args.seed)
+    inputs = models.make_model_inputs(spec, batch, seq_len, device, seed=args.seed, frozen_model=frozen)
     impls = []
     for name in names:
         if name == "frozen":
             impls.append(measure.Implementation(name, models.model_loss_step(
                 compile_for(name, frozen, args, extra_options), inputs.frozen_step_kwargs), frozen))
         else:
-            impls.append(measure.Implementation(name, models.model_loss_step(
-                compile_for(name, peft_model, args, extra_options), inputs.lora_step_kwargs), peft_model,
-                runlora=name.startswith("runlora")))
+            module = lora_twin if name.endswith(LORA_SUFFIX) else peft_model
+            step = models.model_loss_step(compile_for(name, module, args, extra_options), inputs.lora_step_kwargs)
+            if name == "inductor-breaks":
+                step = models.with_dora_graph_breaks(step)
+            impls.append(measure.Implementation(name, step, module, runlora=name.startswith("runlora")))
     title = f"{spec.name} b={batch} s={seq_len} r={args.lora_r} {args.dtype}"
     n_params = sum(p.numel() for p in frozen.parameters())
     n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     settings = {"mode": "model", "model": spec.name, "family": spec.family, "head": spec.head,
                 "config_source": spec.source, "batch": batch, "seq_len": seq_len, "tokens": batch * seq_len,
                 "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
-                "dtype": args.dtype, "fp32_adapters": args.fp32_adapters, "target_modules": targets,
+                "dtype": args.dtype, "fp32_adapters": args.fp32_adapters, "dora": args.dora,
+                "target_modules": targets,
                 "lora_sites": models.count_lora_sites(peft_model), "parameters": n_params,
                 "trainable_parameters": n_trainable,
                 "attn_implementation": getattr(frozen.config, "_attn_implementation", None),
@@ -225,6 +260,9 @@ def model_case(args, device, dtype, extra_options, on_step):
              "looked up once outside the step) as a fresh leaf requiring grad"]
     results = _measure(impls, device, args, on_step)
     rows = report.build_rows([results[i.name] for i in impls], cuda=device.type == "cuda")
+    if args.dora:
+        notes += report.dora_verdicts(rows, tokens=batch * seq_len, out_features=models.lora_out_features(peft_model),
+                                      element_size=torch.empty((), dtype=dtype).element_size())
     case = report.Case(title, settings, rows, notes)
     map_points = {shape: [(batch * seq_len, args.lora_r)] for shape in settings["lora_shapes"]}
     del impls, peft_model, frozen, base
@@ -253,28 +291,40 @@ def layer_case(shape, args, device, dtype, extra_options, on_step):
     from lora_rewrite import compat
     from lora_rewrite.bench import layer, measure, report
 
-    peft_model, frozen = layer.build_layer_models(
-        shape, r=shape.r, alpha=args.lora_alpha, dropout=args.lora_dropout, bias=args.bias, dtype=dtype,
-        device=device, fp32_adapters=args.fp32_adapters, seed=args.seed)
+    names = implementation_names(args.impls, args.criterions)
+    build = dict(r=shape.r, alpha=args.lora_alpha, dropout=args.lora_dropout, bias=args.bias, dtype=dtype,
+                 device=device, fp32_adapters=args.fp32_adapters, seed=args.seed)
+    peft_model, frozen = layer.build_layer_models(shape, use_dora=args.dora, **build)
     inputs = layer.make_layer_inputs(shape, dtype=dtype, device=device, seed=args.seed)
     lora_loss = layer.ProbeLoss(peft_model, inputs.probe)
     frozen_loss = layer.ProbeLoss(frozen, inputs.probe)
+    twin_loss = None
+    if any(n.endswith(LORA_SUFFIX) for n in names):
+        twin_loss = layer.ProbeLoss(layer.build_layer_models(shape, **build)[0], inputs.probe)
     impls = []
-    for name in implementation_names(args.impls, args.criterions):
-        module = frozen_loss if name == "frozen" else lora_loss
-        impls.append(measure.Implementation(
-            name, layer.layer_loss_step(compile_for(name, module, args, extra_options), inputs), module,
-            runlora=name.startswith("runlora")))
+    for name in names:
+        module = frozen_loss if name == "frozen" else twin_loss if name.endswith(LORA_SUFFIX) else lora_loss
+        step = layer.layer_loss_step(compile_for(name, module, args, extra_options), inputs)
+        if name == "inductor-breaks":
+            from lora_rewrite.bench.models import with_dora_graph_breaks
+
+            step = with_dora_graph_breaks(step)
+        impls.append(measure.Implementation(name, step, module, runlora=name.startswith("runlora")))
     settings = {"mode": "layer", "i": shape.i, "o": shape.o, "tokens": shape.tokens, "batch": shape.batch,
                 "seq_len": shape.tokens // shape.batch, "lora_r": shape.r, "lora_alpha": args.lora_alpha,
                 "lora_dropout": args.lora_dropout, "stack": shape.stack, "siblings": shape.siblings, "bias": args.bias, "dtype": args.dtype,
-                "fp32_adapters": args.fp32_adapters}
+                "fp32_adapters": args.fp32_adapters, "dora": args.dora}
     notes = ["step: loss = Σ Y ⊙ G (fixed random G, so dY = G) on X[b, N/b, i] requiring grad; "
              "frozen: the same linears without adapters"]
     results = _measure(impls, device, args, on_step)
     rows = report.build_rows([results[i.name] for i in impls], cuda=device.type == "cuda")
+    if args.dora:
+        from lora_rewrite.bench.models import lora_out_features
+
+        notes += report.dora_verdicts(rows, tokens=shape.tokens, out_features=lora_out_features(peft_model),
+                                      element_size=torch.empty((), dtype=dtype).element_size())
     case = report.Case(f"{shape.label} {args.dtype}", settings, rows, notes)
-    del impls, peft_model, frozen, lora_loss, frozen_loss
+    del impls, peft_model, frozen, lora_loss, frozen_loss, twin_loss
     compat.reset_dynamo()
     return case
 

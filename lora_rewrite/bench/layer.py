@@ -134,7 +134,8 @@ class LinearStack(nn.Module):
 
 
 def build_layer_models(shape: LayerShape, *, r: int, alpha: float, dropout: float, bias: bool,
-                       dtype: torch.dtype, device: torch.device, fp32_adapters: bool, seed: int = 0):
+                       dtype: torch.dtype, device: torch.device, fp32_adapters: bool, seed: int = 0,
+                       use_dora: bool = False):
     """(peft_model, frozen_model): the same base stack, with and without LoRA on every `proj`."""
     from lora_rewrite.bench.models import add_lora
 
@@ -144,7 +145,7 @@ def build_layer_models(shape: LayerShape, *, r: int, alpha: float, dropout: floa
     base = base.to(dtype).train()
     frozen = copy.deepcopy(base).requires_grad_(False)
     peft_model = add_lora(base, r=r, alpha=alpha, dropout=dropout, target_modules=sibling_names(shape.siblings),
-                          fp32_adapters=fp32_adapters, seed=seed)
+                          fp32_adapters=fp32_adapters, seed=seed, use_dora=use_dora)
     return peft_model, frozen
 
 

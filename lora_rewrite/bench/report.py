@@ -200,3 +200,36 @@ def write_json(path, cases: Sequence[Case], meta: dict) -> None:
     with open(path, "w") as f:
         json.dump(to_json(cases, meta), f, indent=2, default=str)
         f.write("\n")
+
+
+def dora_verdicts(rows: Sequence[Row], *, tokens: int, out_features: Sequence[int], element_size: int) -> list[str]:
+    """The DoRA targets, read off one case's rows (each overhead is `× frozen − 1` of the same run):
+    runlora's DoRA overhead at most stock Inductor's plain-LoRA overhead, at most half of stock
+    Inductor's DoRA overhead, within 0.05 of runlora's own plain-LoRA overhead; bytes saved for backward
+    at most stock Inductor's plain-LoRA bytes plus one [N,o] per DoRA site."""
+    by_name = {r.implementation: r for r in rows}
+    runlora = next((r for r in rows if r.implementation.startswith("runlora") and not r.implementation.endswith("-lora")), None)
+    runlora_lora = next((r for r in rows if r.implementation.startswith("runlora") and r.implementation.endswith("-lora")), None)
+    if runlora is None or runlora.ratio_to_frozen is None:
+        return []
+
+    def overhead(row):
+        return None if row is None or row.ratio_to_frozen is None else row.ratio_to_frozen - 1
+
+    ours = overhead(runlora)
+    lines = [f"DoRA: {runlora.implementation} overhead over frozen {ours:+.3f}"]
+    checks = [("stock Inductor's plain-LoRA overhead", overhead(by_name.get("inductor-lora")), 1.0, 0.0),
+              ("half of stock Inductor's DoRA overhead (one graph)", overhead(by_name.get("inductor")), 0.5, 0.0),
+              ("runlora's own plain-LoRA overhead + 0.05", overhead(runlora_lora), 1.0, 0.05)]
+    for what, reference, factor, slack in checks:
+        if reference is not None:
+            limit = factor * reference + slack
+            lines.append(f"  vs {what}: limit {limit:+.3f} -> {'met' if ours <= limit else 'MISSED'}")
+    lora_saved = by_name.get("inductor-lora")
+    if lora_saved is not None and lora_saved.saved_for_backward_mb is not None and runlora.saved_for_backward_mb is not None:
+        bound = lora_saved.saved_for_backward_mb + tokens * sum(out_features) * element_size / MB
+        verdict = "met" if runlora.saved_for_backward_mb <= bound + 1e-6 else "MISSED"
+        lines.append(f"  saved for backward {runlora.saved_for_backward_mb:.1f} MB: limit {bound:.1f} MB (stock plain "
+                     f"LoRA {lora_saved.saved_for_backward_mb:.1f} MB + one [N,o] per site, {len(out_features)} "
+                     f"sites) -> {verdict}")
+    return lines

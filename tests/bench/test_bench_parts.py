@@ -133,3 +133,52 @@ def test_default_targets_cover_attention_and_mlp_linears():
                                  fp32_adapters=False)
     assert models.count_lora_sites(peft_model) == 12 * 6   # query key value + 3 dense per layer, not the LM head
     assert models.lora_layer_shapes(peft_model) == [(768, 768), (768, 3072), (3072, 768)]
+
+
+def test_dora_impls_need_dora_and_expand_per_criterion():
+    assert implementation_names(["runlora", "runlora-lora"], ["flops", "time"]) == \
+        ["runlora-flops", "runlora-time", "runlora-flops-lora", "runlora-time-lora"]
+    for impl in ("inductor-breaks", "inductor-lora", "runlora-lora"):
+        with pytest.raises(SystemExit):
+            main(["--layer", "--in", "64", "--impls", impl, "--smoke"])
+
+
+def test_dora_verdicts_read_the_targets_off_the_rows():
+    """runlora's DoRA overhead (× frozen − 1) against stock plain LoRA's, half of stock DoRA's and runlora's
+    plain LoRA's + 0.05; bytes against stock plain LoRA's + one [N,o] per site."""
+    rows = report.build_rows([_measurement("inductor", 160, 9), _measurement("runlora-flops", 120, 7),
+                              _measurement("inductor-lora", 125, 5), _measurement("runlora-flops-lora", 105, 4),
+                              _measurement("frozen", 100, 2)], cuda=False)
+    lines = report.dora_verdicts(rows, tokens=256, out_features=[1024], element_size=4)   # one [N,o]: 1 MB
+    assert lines[0].endswith("+0.200")
+    assert "plain-LoRA overhead: limit +0.250 -> met" in lines[1]
+    assert "DoRA overhead (one graph): limit +0.300 -> met" in lines[2]
+    assert "+ 0.05: limit +0.100 -> MISSED" in lines[3]
+    assert "limit 6.0 MB" in lines[4] and lines[4].endswith("-> MISSED")
+
+
+def test_dora_graph_breaks_restores_peft_s_function_and_breaks_only_inside():
+    """The benchmark's `inductor-breaks` row: PEFT's own dequantize_module_weight under another identity,
+    so Dynamo breaks the graph in each DoRA layer as without lora_rewrite; PEFT's function is back after."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import dora
+
+    original = dora.dequantize_module_weight
+    torch.manual_seed(0)
+    model = get_peft_model(layer.LinearStack(16, 16, 1, False), LoraConfig(r=2, target_modules=["proj"],
+                                                                            use_dora=True))
+    x = torch.randn(4, 16)
+    counts = {}
+    for name, context in (("stand-in", None), ("breaks", models.dora_graph_breaks)):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        compiled = torch.compile(model, backend="eager")
+        if context is None:
+            compiled(x)
+        else:
+            with context():
+                assert dora.dequantize_module_weight is not original
+                compiled(x)
+        counts[name] = sum(torch._dynamo.utils.counters["graph_break"].values())
+    assert dora.dequantize_module_weight is original
+    assert counts == {"stand-in": 0, "breaks": counts["breaks"]} and counts["breaks"] > 0

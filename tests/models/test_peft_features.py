@@ -122,16 +122,6 @@ def test_rank_one_adapters():
     assert all(s.r == 1 for s in sites(reports))
 
 
-def test_dora_is_left_untouched_and_still_correct():
-    model = peft_model("llama", layers=1, use_dora=True)
-    eager_model, compiled_model = twins(model)
-    with debug.collect_reports() as reports:
-        _, grads = assert_step_equals_eager(eager_model, eager_model, runlora(compiled_model), compiled_model,
-                                            batch())
-    assert any("lora_magnitude_vector" in name for name in grads)
-    assert sites(reports) == []
-
-
 def test_several_adapters_with_set_adapter():
     """Switching the active adapter recompiles (PEFT's active adapter is guarded); every switch gives
     eager's result, including switching back to a graph compiled before."""

@@ -202,11 +202,12 @@ def test_lora_b_with_a_bias_is_no_match():
 
 
 def test_a_tensor_that_rescales_the_adapter_output_is_no_match():
-    """DoRA's form: the adapter's output multiplied by a (magnitude) vector, not a scalar."""
+    """DoRA's shape (the adapter's output times an [o] vector) but not DoRA's algebra: the vector is not
+    m / ‖W + s·B·A‖, so the DoRA matcher (passes/match_dora.py) leaves it untouched and says why."""
     def rescaled(x, w, b0, a, b, magnitude):
         return F.linear(x, w, b0) + F.linear(F.linear(x, a), b) * magnitude
 
-    assert "not a scalar" in no_match_reason(rescaled, *primals(), torch.randn(O))
+    assert "not scaled by m / ‖W′‖" in no_match_reason(rescaled, *primals(), torch.randn(O))
 
 
 def test_an_adapter_output_not_added_to_a_base_is_no_match():

@@ -1,0 +1,250 @@
+"""DoRA (weight-decomposed LoRA, PEFT's `use_dora=True`): its variants, built on LoRA's.
+
+PEFT computes, per step (peft/tuners/lora/dora.py; the notation of lora_rewrite/variants.py):
+
+    W′  = W + s·B·A                         [o,i]   (PEFT gets B·A as B(A(eye(i)))ᵀ: an [i,i] identity)
+    mns = m / ‖W′‖                          [o]     row norms, detached: no gradient through the norm
+    Y   = mns ⊙ (X·W′ᵀ) + b                         without dropout
+    Y   = X·Wᵀ + b + (mns − 1) ⊙ (X̃·Wᵀ) + mns ⊙ s·(X̃·Aᵀ)·Bᵀ       with lora_dropout, X̃ = drop(X)
+
+With P = X̃·W′ᵀ (X̃ = X without dropout) the gradients are
+
+    dm = Σₙ dY ⊙ P / ‖W′‖                   [o]
+    dA, dB, dX̃ = LoRA's, with dY replaced by dP = mns ⊙ dY
+
+and `diag(mns)` folds into the rank- and weight-sized factors instead of the [N,o] gradient:
+Z1 = s·dY·(mns ⊙ B), dA = Z1ᵀ·X̃ or (s·mns ⊙ B)ᵀ·(dYᵀ·X̃), dB = mns ⊙ (LoRA's dB of dY),
+dX̃ = dY·(k ⊙ W) + Z1·A with k = mns (without dropout: the whole dX) or k = mns − 1 (with dropout:
+X̃'s part; the model's own dY·W reaches X unchanged). So every RunLoRA backward applies: DoRA's backward
+K is LoRA's backward K on the operands (dY, X̃, A, mns ⊙ B, s, k ⊙ W), then the row scaling of dB and
+the reduction for dm. Its products are LoRA backward K's products, so its product forms are measured
+as LoRA backward K's (`Variant.lora`).
+
+The norm is computed as PEFT computes it, in the dtype PEFT computes it in, but with B·A as one
+product (`addmm(W, B, A, alpha=s)`, 2·o·r·i FLOPs) instead of the [i,i] identity (2·i·i·r + 2·i·r·o).
+W′ is never saved for backward; P ([N,o]) is, for dm — the one [N,o] tensor per site DoRA needs.
+
+Forward variants: dora-forward1 (factored, P kept) always; dora-forward2 (Y = X·(mns ⊙ W′)ᵀ + b, one
+product) where LoRA's merged forward is legal and the graph has no backward (it forms no P).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lora_rewrite.forms import is_number
+from lora_rewrite.variants import (BACKWARDS, FORWARD1, FORWARD2, BackwardOperands, Dims, DxMode, ForwardOperands,
+                                   Gemm, SiteFacts, Variant, always_legal, merged_weight_backward_guard,
+                                   merged_weight_forward_guard)
+
+
+# --- operands and results --------------------------------------------------------------------------
+
+@dataclass
+class DoraForwardOperands:
+    """What a DoRA forward variant reads.
+
+    x, a, b, s: the adapter's input (X̃ under dropout), A, B, scale. m: the magnitude [o].
+    norm_weight: W as PEFT's norm reads it, [o,i] in the norm's dtype (`norm_dtype`); its squares are
+    summed in `norm_reduce_dtype` (fp32 for a 16-bit norm, as the decomposition does).
+    w_io, bias: the base layer's Wᵀ [i,o] and bias (or None).
+    base_full: the model's base result X·Wᵀ + b as [N,o] (with dropout: Y adds onto it).
+    dropout_product: with dropout, the model's X̃·Wᵀ [N,o] (P accumulates onto it); None without.
+    norm_out_dtype: the dtype PEFT's norm is cast to (`.to(weight.dtype)`).
+    """
+
+    x: Any
+    a: Any
+    b: Any
+    s: Any
+    m: Any
+    norm_weight: Any
+    norm_dtype: Any
+    norm_out_dtype: Any
+    norm_reduce_dtype: Any
+    w_io: Any
+    bias: Any = None
+    base_full: Any = None
+    dropout_product: Any = None
+
+
+@dataclass(frozen=True)
+class DoraForwardResult:
+    y: Any                 # [N,o]
+    norm: Any              # ‖W′‖ [o] (detached)
+    mns: Any               # m / ‖W′‖ [o]
+    p: Any = None          # P = X̃·W′ᵀ [N,o], for dm (forward1)
+    xa: Any = None         # X̃·Aᵀ [N,r] (forward1)
+
+
+@dataclass
+class DoraBackwardOperands:
+    """dY [N,o], X̃, A, B, s; the forward's ‖W′‖, mns and P; the base's Wᵀ [i,o] (for dX); which dX
+    (`dx`, as LoRA's); `dropout`: dX̃ is X̃'s part (k = mns − 1) rather than the whole dX (k = mns)."""
+
+    dy: Any
+    x: Any
+    a: Any
+    b: Any
+    s: Any
+    norm: Any
+    mns: Any
+    p: Any
+    w_io: Any = None
+    dx: DxMode | None = DxMode.TOTAL
+    dx_in_rows: bool = False
+    dropout: bool = False
+
+
+@dataclass(frozen=True)
+class DoraBackwardResult:
+    grad_a: Any
+    grad_b: Any
+    grad_x: Any
+    grad_m: Any            # dm [o]
+    z1: Any = None
+    xa: Any = None
+
+
+# --- the shared pieces ----------------------------------------------------------------------------
+
+def as_column(ops, v, size):
+    """v [o] as [o,1]: scales the rows of an [o,·] factor."""
+    return ops.view(v, [size, 1])
+
+
+def scaled_weight_io(ops, w_io, k, o):
+    """(k ⊙ W)ᵀ [i,o], k [o] scaling W's rows, in W's stored layout (nn.Linear's [o,i] stays [o,i], a
+    Conv1D's [i,o] stays [i,o]): a later product reads it as stored, with no strided copy."""  # o·i multiplies
+    if ops.stored_as_io(w_io):
+        return ops.mul(w_io, ops.view(k, [1, o]))
+    return ops.t(ops.mul(ops.t(w_io), as_column(ops, k, o)))
+
+
+def row_norm(ops, p: DoraForwardOperands):
+    """‖W + s·B·A‖ per row, in PEFT's dtype: W′ = addmm(W, B, A, alpha=s), never an [i,i] identity."""  # 2·o·r·i FLOPs
+    b = ops.cast(p.b, p.norm_dtype)
+    a = ops.cast(p.a, p.norm_dtype)
+    if is_number(p.s):
+        merged = ops.addmm(p.norm_weight, b, a, alpha=p.s)
+    else:
+        merged = ops.addmm(p.norm_weight, ops.scale(b, p.s), a)
+    ops.recompute(merged)   # [o,i]: rebuilt where needed, never saved
+    wide = ops.cast(merged, p.norm_reduce_dtype)
+    norm = ops.sqrt(ops.sum_dim(ops.mul(wide, wide), 1))
+    return ops.cast(norm, p.norm_out_dtype), merged
+
+
+def magnitude_scale(ops, p: DoraForwardOperands):
+    """(‖W′‖, mns = m / ‖W′‖, W′)."""
+    norm, merged = row_norm(ops, p)
+    return norm, ops.div(p.m, norm), merged
+
+
+def dora_forward1(ops, p: DoraForwardOperands) -> DoraForwardResult:
+    """dora-forward1: P = X̃·Wᵀ + s·(X̃·Aᵀ)·Bᵀ (LoRA's forward1), Y = mns ⊙ P + b, or with dropout
+    Y = (X·Wᵀ + b) + mns ⊙ P − X̃·Wᵀ. P is kept for dm."""
+    norm, mns, _ = magnitude_scale(ops, p)
+    o = ops.size(p.b, 0)
+    if p.dropout_product is None:
+        base = ops.mm(p.x, p.w_io)           # X·Wᵀ without the bias
+    else:
+        base = p.dropout_product             # the model's X̃·Wᵀ
+    lora = FORWARD1.compute(ops, ForwardOperands(x=p.x, a=p.a, b=p.b, s=p.s, base=base))
+    scaled = ops.mul(lora.y, ops.view(mns, [1, o]))
+    if p.dropout_product is None:
+        y = scaled if p.bias is None else ops.add(scaled, p.bias)
+    else:
+        y = ops.sub(ops.add(p.base_full, scaled), p.dropout_product)
+    return DoraForwardResult(y, norm, mns, p=lora.y, xa=lora.xa)
+
+
+def dora_forward1_gemms(d: Dims):  # 2·o·r·i + 2N·(i·o + r·i + o·r)
+    return [Gemm(d.o, d.r, d.i, "‖W + s·B·A‖", accumulate=True)] + FORWARD1.gemms(d)
+
+
+def dora_forward2(ops, p: DoraForwardOperands) -> DoraForwardResult:
+    """dora-forward2: Y = X·(mns ⊙ W′)ᵀ + b — the magnitude and the adapter folded into the weight."""
+    norm, mns, merged = magnitude_scale(ops, p)
+    o = ops.size(p.b, 0)
+    weight = ops.recompute(ops.mul(merged, as_column(ops, mns, o)))     # [o,i]
+    y = ops.mm(p.x, ops.t(weight)) if p.bias is None else ops.addmm(p.bias, p.x, ops.t(weight))
+    return DoraForwardResult(y, norm, mns)
+
+
+def dora_forward2_gemms(d: Dims):  # 2·(o·r·i + N·o·i)
+    return FORWARD2.gemms(d)
+
+
+def dora_forward2_guard(facts: SiteFacts) -> str | None:
+    """As LoRA's forward2, and only where nothing needs P: a graph without the site's backward."""
+    reason = merged_weight_forward_guard(facts)
+    if reason is not None:
+        return reason
+    if facts.trains:
+        return "training: the magnitude's gradient needs P = X·W′ᵀ, which the merged forward never forms"
+    return None
+
+
+DORA_FORWARD1 = Variant("dora-forward1", "DoRA factored: P = X·Wᵀ + s·(X·Aᵀ)·Bᵀ kept, Y = mns ⊙ P + b",
+                        "Y = mns ⊙ (X·Wᵀ + (X·Aᵀ)·(s·B)ᵀ) + b", dora_forward1, dora_forward1_gemms,
+                        merges_weight=False, guard=always_legal, lora=FORWARD1)
+DORA_FORWARD2 = Variant("dora-forward2", "DoRA merged: X·(mns ⊙ (W + s·B·A))ᵀ + b",
+                        "Y = X·(mns ⊙ (W + s·B·A))ᵀ + b", dora_forward2, dora_forward2_gemms,
+                        merges_weight=True, guard=dora_forward2_guard, lora=FORWARD2)
+
+
+# --- backward ---------------------------------------------------------------------------------------
+
+def _dora_backward_compute(lora: Variant):
+    def compute(ops, p: DoraBackwardOperands) -> DoraBackwardResult:
+        o = ops.size(p.b, 0)
+        column = as_column(ops, p.mns, o)
+        scaled_b = ops.recompute(ops.mul(p.b, ops.cast(column, ops.dtype_of(p.b))))    # mns ⊙ B [o,r]
+        w_io = None
+        if p.dx is DxMode.TOTAL:
+            k = ops.sub(p.mns, 1) if p.dropout else p.mns
+            w_io = ops.recompute(scaled_weight_io(ops, p.w_io, ops.cast(k, ops.dtype_of(p.w_io)), o))
+        result = lora.compute(ops, BackwardOperands(dy=p.dy, x=p.x, a=p.a, b=scaled_b, s=p.s, w_io=w_io,
+                                                    dx=p.dx, dx_in_rows=p.dx_in_rows))
+        grad_b = ops.mul(result.grad_b, ops.cast(column, ops.dtype_of(result.grad_b)))   # mns ⊙ dB
+        grad_m = ops.div(ops.sum_dim(ops.mul(p.dy, p.p), 0), p.norm)                      # Σₙ dY ⊙ P / ‖W′‖
+        return DoraBackwardResult(result.grad_a, grad_b, result.grad_x, grad_m, z1=result.z1, xa=result.xa)
+
+    return compute
+
+
+def _dora_backward_guard(lora: Variant):
+    def guard(facts: SiteFacts) -> str | None:
+        return merged_weight_backward_guard(facts) if lora.merges_weight else None
+
+    return guard
+
+
+def dora_backward(lora: Variant) -> Variant:
+    """DoRA's backward K: LoRA's backward K on (dY, X̃, A, mns ⊙ B, s, k ⊙ W), then dB ← mns ⊙ dB and
+    dm = Σₙ dY ⊙ P / ‖W′‖. The same products as LoRA's (its FLOPs, its forms)."""
+    return Variant(f"dora-{lora.name}", f"DoRA, {lora.title}", f"{lora.equation}; dP = mns ⊙ dY, dm = Σ dY⊙P/‖W′‖",
+                   _dora_backward_compute(lora), lora.gemms, merges_weight=lora.merges_weight,
+                   guard=_dora_backward_guard(lora), lora=lora)
+
+
+DORA_FORWARDS: tuple[Variant, ...] = (DORA_FORWARD1, DORA_FORWARD2)
+DORA_BACKWARDS: tuple[Variant, ...] = tuple(dora_backward(v) for v in BACKWARDS)
+DORA_BY_LORA_NAME: dict[str, Variant] = {v.lora.name: v for v in DORA_FORWARDS + DORA_BACKWARDS}
+
+
+# PEFT's DoRA as autograd runs it (what stock Inductor compiles): not a variant, the "before" of the report.
+def peft_dora_gemms(d: Dims, dropout: bool, trains: bool):  # the eye trick, the products, their gradients
+    forward = [Gemm(d.i, d.i, d.r, "eye·Aᵀ"), Gemm(d.i, d.r, d.o, "(eye·Aᵀ)·Bᵀ")] + FORWARD1.gemms(d)
+    if dropout:
+        forward.append(Gemm(d.N, d.i, d.o, "X̃·Wᵀ (the second base product)"))
+    if not trains:
+        return forward
+    backward = [Gemm(d.o, d.N, d.r, "dB"), Gemm(d.N, d.o, d.r, "Z1"), Gemm(d.r, d.N, d.i, "dA")]
+    if d.needs_dx:
+        backward += [Gemm(d.N, d.r, d.i, "Z1·A"), Gemm(d.N, d.o, d.i, "dY·W")]
+        if dropout:
+            backward.append(Gemm(d.N, d.o, d.i, "the second base product's dX̃"))
+    return forward + backward

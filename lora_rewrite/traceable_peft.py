@@ -1,0 +1,131 @@
+"""Traceable stand-ins for the PEFT functions that break every DoRA layer's graph.
+
+`DoraLinearLayer.forward` (peft/tuners/lora/dora.py) calls `dequantize_module_weight`
+(peft/utils/integrations.py) every step. For a plain weight that function returns the weight, but on
+the way it tests `type(module.weight).__module__.startswith("torchao.")`, which Dynamo cannot trace:
+each DoRA layer breaks the graph (a 4-layer tiny Llama with DoRA on its 7 linears: 41 breaks, 33 graphs;
+Llama-60m reaches Dynamo's recompile limit). Without one graph there is no DoRA site to rewrite. On a
+model with transformers' Conv1D (GPT-2) a second PEFT function, `transpose`, breaks it too (below).
+
+`install()` registers, through the public `torch.compiler.substitute_in_graph`, a stand-in that Dynamo
+traces in its place: for the weights it can tell apart without that test — an `nn.Parameter` of exactly
+that class on a module without HQQ's `W_q` (PEFT returns it as it is), or a plain `torch.Tensor` (FSDP's
+unsharded views: PEFT returns it as it is) — it returns the weight; for anything else (HQQ, torchao,
+bitsandbytes' Params4bit / Int8Params, any other subclass) it calls PEFT's own function, exactly as
+before (with its graph break). Outside Dynamo the original runs: the stand-in only changes tracing.
+
+It is installed when the runlora backend is loaded (`import lora_rewrite`, which Dynamo's entry point
+does on `backend="runlora"`): at once if peft is imported already, else right after peft imports
+`peft.utils.integrations`. Once installed it applies to every torch.compile in the process, stock
+Inductor's too (which then also traces DoRA layers as one graph).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+_installed: list = []   # PEFT's functions the stand-ins were registered for
+
+
+def plain_weight(module: torch.nn.Module):
+    """The module's weight when PEFT's `dequantize_module_weight` would return it unchanged and that
+    can be decided without its torchao test; None when only PEFT's function can say."""
+    if hasattr(module, "W_q"):   # HQQ: dequantised by the module
+        return None
+    weight = module.weight
+    if type(weight) is torch.nn.Parameter or type(weight) is torch.Tensor:
+        return weight
+    return None
+
+
+def make_stand_in(original):
+    """The traceable stand-in for PEFT's `original` dequantize_module_weight."""
+
+    def dequantize_module_weight(module):
+        weight = plain_weight(module)
+        if weight is not None:
+            return weight
+        return original(module)
+
+    return dequantize_module_weight
+
+
+def make_transpose_stand_in(original):
+    """The traceable stand-in for PEFT's `transpose(weight, fan_in_fan_out)` (peft/utils/other.py), which
+    wraps a parameter's transpose in a new `nn.Parameter` — a constructor Dynamo breaks the graph at
+    (every DoRA layer of a Conv1D model, GPT-2's). That new parameter is a leaf of its own: no gradient
+    reaches the weight through it, and its own gradient is never read. The stand-in returns the same
+    values detached from the weight, so no gradient reaches the weight either; what it does not make is
+    the throwaway leaf."""
+
+    def transpose(weight, fan_in_fan_out):
+        if not fan_in_fan_out:
+            return weight
+        if isinstance(weight, torch.nn.Parameter):
+            return weight.T.detach()
+        return weight.T
+
+    return transpose
+
+
+# (module, function, the stand-in's maker): PEFT's functions that Dynamo cannot trace in a DoRA layer.
+STAND_INS = (("peft.utils.integrations", "dequantize_module_weight", make_stand_in),
+             ("peft.utils.other", "transpose", make_transpose_stand_in))
+
+
+def install() -> bool:
+    """Register each stand-in once its PEFT module is imported: now for those imported already, right
+    after the import for the others (peft is never imported for this: it costs seconds). True when
+    every stand-in is registered."""
+    pending = []
+    for module_name, name, make in STAND_INS:
+        module = sys.modules.get(module_name)
+        if module is None:
+            pending.append(module_name)
+            continue
+        original = getattr(module, name, None)
+        if original is None or original in _installed:   # a peft without it: nothing of it breaks the graph
+            continue
+        try:
+            torch.compiler.substitute_in_graph(original, skip_signature_check=True)(make(original))
+        except ValueError:   # someone registered a handler for it already: theirs stays
+            continue
+        _installed.append(original)
+    for module_name in pending:
+        _register_after_import(module_name)
+    return not pending
+
+
+class _PeftFinder:
+    """On sys.meta_path until `module_name` is imported: installs the stand-ins right after."""
+
+    def __init__(self, module_name: str):
+        self.module_name = module_name
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.module_name:
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_install(loaded):
+            exec_module(loaded)
+            try:
+                install()
+            except Exception:   # never break importing peft: at worst DoRA layers break the graph, as before
+                pass
+
+        spec.loader.exec_module = exec_and_install
+        return spec
+
+
+def _register_after_import(module_name: str) -> None:
+    if not any(isinstance(f, _PeftFinder) and f.module_name == module_name for f in sys.meta_path):
+        sys.meta_path.insert(0, _PeftFinder(module_name))

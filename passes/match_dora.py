@@ -1,0 +1,398 @@
+"""Finding PEFT DoRA sites (`use_dora=True`) in a joint or inference graph.
+
+A DoRA layer adds to LoRA's chain (lora_rewrite/dora.py has the algebra; peft/tuners/lora/dora.py the source):
+
+    forward                                                  backward
+    L    = permute(mm(mm(eye(i), Aᵀ), Bᵀ))    [o,i] = B·A     g   = s·mns ⊙ dY                [N,o]
+    norm = sqrt(Σ_rows (W + s·L)²)            [o]            dB, Z1, dA, dX_a from g as LoRA's
+    mns  = m / norm                           [o]            dX_b = (mns ⊙ dY)·W (the base's; with dropout
+    out  = base + (mns − 1)·(base − b) + mns·s·(X·Aᵀ)·Bᵀ            ((mns − 1) ⊙ dY)·W of the second product)
+           (with dropout: (mns − 1)·(X̃·Wᵀ) instead)         dm  = d(mns) / norm
+
+The sum `out` is established as a polynomial over its atoms (passes/poly.py), whatever order PEFT's
+expression and Inductor's passes left it in: `mns·(X·Wᵀ) + b + s·mns·lora` without dropout,
+`X·Wᵀ + b + mns·(X̃·Wᵀ) − X̃·Wᵀ + s·mns·lora` with. The norm is established node by node down to the
+identity, the magnitude's gradient as the one backward division by that norm. What is not established
+raises NoMatch(reason) and the site is left untouched. A DoRA site whose backward is not in the expected
+form is left untouched as a whole: its forward alone cannot be rewritten without keeping the old one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.fx import Node
+
+from lora_rewrite.variants import Dims, SiteFacts
+from lora_rewrite.passes import poly
+from lora_rewrite.passes.fx import (ADDMM, CASTS, MM, MUL, VIEWS, dtype, is_call, is_matrix, is_weight, prims,
+                                    same_rows, same_shape, same_size, same_value, shape, strip_layout,
+                                    transpose_source)
+from lora_rewrite.passes.provenance import provenance_of
+from lora_rewrite.passes.site import DoraChain, ForwardChain, Gradients, LinearBase, NoMatch, Site
+
+aten = torch.ops.aten
+
+# How many single-user ops above (X·Aᵀ)·Bᵀ the DoRA sum may end: a view, mns·, ·s, the two adds, casts.
+SUM_SEARCH_DEPTH = 8
+
+
+def is_dora_norm_product(anchor: Node) -> bool:
+    """Is this X·Aᵀ PEFT's eye(i)·Aᵀ, the first half of DoRA's B·A for the norm (not a site of its own)?"""
+    return is_identity(strip_casts(anchor.args[0]))
+
+
+def looks_like_dora(anchor: Node, backward: set[Node]) -> bool:
+    """Does (X·Aᵀ)·Bᵀ reach its sum through a product with a [o]-vector (DoRA's magnitude scale)?"""
+    xab = next((u for u in anchor.users if u not in backward and is_call(u, MM)), None)
+    node = xab
+    for _ in range(SUM_SEARCH_DEPTH):
+        node = forward_user(node, backward) if node is not None else None
+        if node is None:
+            return False
+        if is_call(node, MUL) and any(_is_column_vector(a) for a in node.args):
+            return True
+    return False
+
+
+def match_dora_site(anchor: Node, backward: set[Node]) -> Site:
+    """The complete DoRA site that starts at `anchor` (X·Aᵀ), or NoMatch with the reason."""
+    from lora_rewrite.passes.match import adapter_gradients, find_dropout, input_grad_sum, match_adapter_product
+
+    x, at = anchor.args
+    a = transpose_source(at)
+    n, i = shape(x)
+    r, i_a = shape(a)
+    if not same_size(i, i_a) or isinstance(r, torch.SymInt) or isinstance(i, torch.SymInt):
+        raise NoMatch("DoRA: A's shape does not match X's features statically")
+    xab, b, o = match_adapter_product(anchor, backward, r)
+    out, terms = _dora_sum(xab, backward)
+    mns, scale, linear, bias, dropout_product = terms
+    magnitude, norm = mns.args
+    norm_weight, (norm_reduce_dtype, norm_out_dtype), norm_nodes = _match_norm(norm, linear, a, b, scale, o, i)
+    if dtype(xab) != dtype(out) or dtype(linear.node) != dtype(out) or dtype(mns) != dtype(out):
+        raise NoMatch(f"DoRA: the sum mixes dtypes (adapter {dtype(xab)}, base {dtype(linear.node)}, "
+                      f"magnitude {dtype(mns)}): only a sum in one dtype is rewritten")
+    if dropout_product is None and not same_rows(linear.x, x):
+        raise NoMatch("DoRA: the adapter's input is not provably the base's input")
+    if dropout_product is not None and not same_rows(dropout_product.args[0], x):
+        raise NoMatch("DoRA: the second base product does not read the adapter's input")
+    n_arg = x.args[1][0] if is_call(x, *VIEWS) else n if isinstance(n, int) else None
+    if n_arg is None:
+        raise NoMatch("DoRA: the token count N could not be read from the graph's views")
+    out_shape_args = None
+    if len(shape(out)) != 2:   # the view of (X·Aᵀ)·Bᵀ to the output's shape spells its sizes (SymInt nodes and all)
+        view = forward_user(xab, backward)
+        if not (is_call(view, *VIEWS) and same_shape(shape(view), shape(out))):
+            raise NoMatch("DoRA: the output's shape could not be read from the graph's views")
+        out_shape_args = view.args[1]
+    forward = ForwardChain(x=x, a=a, b=b, scale=scale, out=out, base=linear.node, base2d=linear.node,
+                           out_shape_args=out_shape_args, n_arg=n_arg, linear=linear, sizes=(n, i, o, r),
+                           dtype=dtype(xab), base_dtype=dtype(linear.node), nodes=(anchor, xab, out))
+    gradients, grad_m = None, None
+    if backward:
+        g_of = _scaled_output_gradient(mns, scale)
+        gradients = adapter_gradients(anchor, forward, backward, g_of)
+        if gradients.grad_x_lora is not None:
+            gradient_product = dropout_product if dropout_product is not None else linear.node
+            scale_of_base = _base_output_gradient(mns, minus_one=dropout_product is not None)
+            dx_sum = input_grad_sum(gradients.grad_x_lora, _as_linear(gradient_product, linear),
+                                    lambda gb: scale_of_base(gb, gradients.dy), o)
+            if dx_sum is None:
+                raise NoMatch("DoRA: the base's input gradient was not found in the same sum as the adapter's")
+            gradients = _with_dx_sum(gradients, dx_sum)
+        grad_m = _magnitude_gradient(norm, backward)
+        if grad_m is None and _needs_gradient(magnitude):
+            raise NoMatch("DoRA: the magnitude's gradient (a division by the norm) was not found")
+    dora = DoraChain(magnitude=magnitude, mns=mns, norm=norm, norm_weight=norm_weight,
+                     norm_reduce_dtype=norm_reduce_dtype, norm_out_dtype=norm_out_dtype,
+                     dropout_product=dropout_product, grad_m=grad_m, nodes=tuple(norm_nodes))
+    needs_dx = gradients is not None and gradients.grad_x_lora is not None
+    facts = SiteFacts(
+        plain_linear_base=True, adapter_dtype=dtype(xab), base_dtype=dtype(linear.node),
+        weight_dtype=dtype(linear.w_io), dropout=dropout_product is not None or find_dropout(x, linear.node),
+        adapter_reads_base_input=dropout_product is None, base_used_elsewhere=False, needs_dx=needs_dx,
+        dx_sum_found=gradients is not None and gradients.dx_sum is not None, dora=True, trains=bool(backward))
+    return Site(anchor=anchor, provenance=provenance_of(anchor), forward=forward, backward=gradients,
+                backward_note="", dims=Dims(n, i, o, r, needs_dx=needs_dx), facts=facts, dora=dora)
+
+
+# --- the forward sum -------------------------------------------------------------------------------------
+
+def forward_user(node: Node, backward: set[Node]) -> Node | None:
+    """The one forward op that reads node (its backward readers, autograd's, are not counted)."""
+    users = [u for u in node.users if u not in backward]
+    return users[0] if len(users) == 1 else None
+
+
+def _is_column_vector(node: Any) -> bool:
+    """An [o] vector, or a view of one as [1,o] / [1,1,o]: broadcast over the tokens, one value per column."""
+    s = shape(node)
+    return s is not None and len(s) >= 1 and all(same_size(d, 1) for d in s[:-1]) and len(shape(poly.atom(node))) == 1
+
+
+def _dora_sum(xab: Node, backward: set[Node]):
+    """(out, (mns, s, the base LinearBase, its bias, the second base product or None)): the first node
+    above xab whose value is DoRA's sum."""
+    node, why = xab, "the adapter output does not reach a DoRA sum"
+    for _ in range(SUM_SEARCH_DEPTH):
+        node = forward_user(node, backward)
+        if node is None:
+            break
+        expanded = poly.expand(node)
+        if expanded is None:
+            break
+        terms = _read_sum(expanded, xab)
+        if isinstance(terms, str):
+            why = terms
+            continue
+        return node, terms
+    raise NoMatch(f"DoRA: {why}")
+
+
+def _read_sum(p: poly.Poly, xab: Node):
+    """The sum's parts, or why `p` is not DoRA's sum (a str)."""
+    lora_terms = [(m, c) for m, c in p.items() if xab in m]
+    if len(lora_terms) != 1:
+        return "the adapter output is not one term of the sum"
+    mono, coefficient = lora_terms[0]
+    others = [f for f in mono if f is not xab]
+    vectors = [f for f in others if isinstance(f, Node) and is_call(f, aten.div.Tensor) and _is_column_vector(f)]
+    if len(vectors) != 1:
+        return "the adapter output is not scaled by m / ‖W′‖"
+    mns = vectors[0]
+    rest = [f for f in others if f is not mns]
+    if rest == [] and coefficient != 0:
+        scale: Any = coefficient
+    elif len(rest) == 1 and coefficient == 1.0 and isinstance(rest[0], Node) and shape(rest[0]) == ():
+        scale = rest[0]   # a tensor scale (PEFT's hot-swap preparation)
+    else:
+        return "the adapter term's scale is not a number or a 0-d tensor"
+    scaled = {m: c for m, c in p.items() if mns in m and m != mono}
+    plain = {m: c for m, c in p.items() if mns not in m}
+    if len(scaled) != 1:
+        return "the magnitude scales more than the adapter and one base product"
+    (scaled_mono, c1), = scaled.items()
+    (product,) = [f for f in scaled_mono if f is not mns] or [None]
+    if c1 != 1.0 or product is None or len(scaled_mono) != 2:
+        return "the magnitude does not scale the base product once"
+    product_node, product_bias = _product_parts(product)
+    if product_node is None:
+        return "the magnitude scales something that is not a linear product of a weight"
+    if not plain or set(plain.values()) == {1.0} and len(plain) == 1:
+        # no dropout: mns·(X·Wᵀ) [+ b]; the bias is the base addmm's own (it enters once, unscaled)
+        if plain:
+            ((b_mono, _),) = plain.items()
+            if product_bias is None or b_mono != (poly.atom(product_bias),):
+                return "the term outside the magnitude is not the base's bias"
+        elif product_bias is not None:
+            return "the base's bias is scaled by the magnitude"
+        return mns, scale, _linear_of(product_node, product_bias), product_bias, None
+    # with dropout: X·Wᵀ + b + mns·(X̃·Wᵀ) − X̃·Wᵀ
+    if product_bias is not None or plain.get((product,)) != -1.0:
+        return "the second base product is not subtracted once"
+    base_terms = {m: c for m, c in plain.items() if m != (product,)}
+    base_parts = [(m, c) for m, c in base_terms.items() if c == 1.0 and len(m) == 1]
+    if len(base_parts) != len(base_terms):
+        return "the base result is not added once"
+    base_product = [m[0] for m, _ in base_parts if _product_parts(m[0])[0] is not None]
+    if len(base_product) != 1:
+        return "the base product was not found"
+    base_node, base_bias = _product_parts(base_product[0])
+    expected_terms = 1 + (base_bias is not None)
+    if len(base_parts) != expected_terms or (base_bias is not None and (poly.atom(base_bias),) not in base_terms):
+        return "the base result is not the base product plus its bias"
+    linear = _linear_of(base_node, base_bias)
+    second = _linear_of(product_node, None)
+    if linear is None or second is None or not same_value(strip_layout(second.w_io), strip_layout(linear.w_io)):
+        return "the second product does not read the base's weight"
+    return mns, scale, linear, base_bias, product_node
+
+
+def _product_parts(atom: Any) -> tuple[Node | None, Node | None]:
+    """(the mm or addmm, its bias) when the atom is X·Wᵀ of a weight: an mm node or an addmm's product term."""
+    if isinstance(atom, tuple) and atom[0] == "mm":
+        node = atom[1]
+        return (node, node.args[0]) if _linear_of(node, node.args[0]) is not None else (None, None)
+    if is_call(atom, MM) and _linear_of(atom, None) is not None:
+        return atom, None
+    return None, None
+
+
+def _linear_of(product: Node, bias: Node | None) -> LinearBase | None:
+    """The product as LinearBase (X [N,i] · Wᵀ [i,o] of a weight parameter), or None."""
+    x, w_io = (product.args[1], product.args[2]) if is_call(product, ADDMM) else product.args
+    if not is_weight(w_io) or shape(w_io) is None or len(shape(w_io)) != 2 or len(shape(x) or ()) != 2:
+        return None
+    if bias is not None and len(shape(bias) or ()) != 1:
+        return None
+    return LinearBase(product, x, w_io, bias)
+
+
+def _as_linear(product: Node, linear: LinearBase) -> LinearBase:
+    return linear if product is linear.node else _linear_of(product, None)
+
+
+# --- the norm --------------------------------------------------------------------------------------------
+
+def strip_casts(node: Any) -> Any:
+    while is_call(node, *CASTS):
+        node = node.args[0]
+    return node
+
+
+def is_identity(node: Any) -> bool:
+    """An [n,n] identity built in the graph: eye(n), or eq(iota(n)[:, None], iota(n)) as decomposed."""
+    if is_call(node, aten.eye.default):
+        return True
+    if not is_call(node, aten.eq.Tensor):
+        return False
+    column, row = node.args
+    if is_call(column, aten.unsqueeze.default) and list(column.args[1:]) in ([-1], [1]):
+        column = column.args[0]
+    else:
+        return False
+    return _is_arange(column) and _is_arange(row) and same_shape(shape(column), shape(row))
+
+
+def _is_arange(node: Any) -> bool:
+    if not is_call(node, prims.iota.default):
+        return False
+    return node.kwargs.get("start", 0) == 0 and node.kwargs.get("step", 1) == 1
+
+
+def _match_norm(norm: Node, linear: LinearBase, a: Node, b: Node, scale: Any, o: int, i: int):
+    """(W as the norm reads it, (the dtype its squares are summed in, the norm's output dtype), the nodes
+    of PEFT's norm): norm must be
+    sqrt(Σ_rows (W + s·B·A)²) with W the base's weight and B·A built from this site's A and B."""
+    out_dtype = dtype(norm)
+    root = strip_casts(norm)
+    radicand = None
+    if is_call(root, aten.pow.Tensor_Scalar) and root.args[1] == 0.5:
+        radicand = root.args[0]
+    elif is_call(root, aten.sqrt.default):
+        radicand = root.args[0]
+    squares = radicand.args[0] if is_call(radicand, aten.sum.dim_IntList) and list(radicand.args[1]) in ([1], [-1]) \
+        and not radicand.kwargs.get("keepdim", False) and len(radicand.args) == 2 else None
+    merged = None
+    if is_call(squares, aten.pow.Tensor_Scalar) and squares.args[1] == 2:
+        merged = squares.args[0]
+    elif is_call(squares, MUL) and squares.args[0] is squares.args[1]:
+        merged = squares.args[0]
+    reduce_dtype = dtype(merged)   # a 16-bit norm is decomposed with its squares summed in fp32
+    merged = strip_casts(merged)
+    if merged is None or not same_shape(shape(merged), (o, i)):
+        raise NoMatch("DoRA: the magnitude is not divided by the row norms of an [o,i] weight")
+    p = poly.expand(merged)
+    if p is None or len(p) != 2:
+        raise NoMatch("DoRA: the norm's weight is not W + s·B·A")
+    weight_term = [m[0] for m, c in p.items() if len(m) == 1 and c == 1.0 and _is_base_weight(m[0], linear)]
+    if len(weight_term) != 1:
+        raise NoMatch("DoRA: the norm does not read the base layer's weight")
+    lora_terms = [(m, c) for m, c in p.items() if m != (weight_term[0],)]
+    (lora_mono, c), = lora_terms
+    factors = [f for f in lora_mono if not (isinstance(f, Node) and shape(f) == ())]
+    tensor_scale = [f for f in lora_mono if isinstance(f, Node) and shape(f) == ()]
+    scale_ok = (not tensor_scale and isinstance(scale, (int, float)) and c == float(scale)) or \
+        (tensor_scale and c == 1.0 and same_value(tensor_scale[0], scale))
+    if len(factors) != 1 or not scale_ok or not _is_lora_weight(factors[0], a, b):
+        raise NoMatch("DoRA: the norm's weight is not W + s·B·A of this site's A and B")
+    return weight_term[0], (reduce_dtype, out_dtype), [norm, root, radicand, squares, merged]
+
+
+def _is_base_weight(node: Any, linear: LinearBase) -> bool:
+    """W [o,i] (through a cast) of the base product's Wᵀ operand: nn.Linear's W, or Conv1D's stored Wᵀ transposed."""
+    source = strip_casts(node)
+    w_io = strip_casts(linear.w_io)
+    if transpose_source(w_io) is not None and same_value(source, strip_casts(transpose_source(w_io))):
+        return True
+    inner = transpose_source(source)
+    return inner is not None and same_value(strip_casts(inner), w_io)
+
+
+def _is_lora_weight(node: Any, a: Node, b: Node) -> bool:
+    """B·A [o,i] as PEFT builds it: (B(A(eye)))ᵀ = permute(mm(mm(eye, Aᵀ), Bᵀ)), through casts, or B·A."""
+    node = strip_casts(node)
+    product = transpose_source(node)
+    if is_call(product, MM):
+        left, bt = product.args
+        if is_call(left, MM) and is_identity(strip_casts(left.args[0])):
+            at = left.args[1]
+            return _same_param(transpose_source(at), a) and _same_param(transpose_source(bt), b)
+    if is_call(node, MM):
+        return _same_param(node.args[0], b) and _same_param(node.args[1], a)
+    return False
+
+
+def _same_param(node: Any, param: Node) -> bool:
+    return node is not None and (is_matrix(node, param) or same_value(strip_casts(node), strip_casts(param)))
+
+
+# --- the backward ----------------------------------------------------------------------------------------
+
+def _scaled_output_gradient(mns: Node, scale: Any) -> Callable[[Node], Node | None]:
+    """g ↦ dY where g = s·mns ⊙ dY (the gradient reaching the adapter's B), else None. The factors s and
+    mns are peeled off the top of g's products — autograd multiplies them last — and what remains is dY,
+    whatever product it is itself (a SiLU's backward, say)."""
+    def dy_of(g: Node) -> Node | None:
+        node, found_mns, factor = g, False, 1.0
+        found_tensor_scale = isinstance(scale, (int, float))
+        for _ in range(8):
+            if found_mns and found_tensor_scale and abs(factor - _number_part(scale)) <= 1e-12 * abs(factor):
+                return node if isinstance(node, Node) else None
+            node = poly.atom(node)
+            if not (is_call(node, MUL) and len(node.args) == 2 and not node.kwargs):
+                return None
+            left, right = node.args
+            for peeled, rest in ((right, left), (left, right)):
+                if not found_mns and isinstance(peeled, Node) and poly.atom(peeled) is mns:
+                    found_mns = True
+                elif isinstance(peeled, (int, float)) and not isinstance(peeled, bool):
+                    factor *= float(peeled)
+                elif not found_tensor_scale and isinstance(peeled, Node) and same_value(peeled, scale):
+                    found_tensor_scale = True
+                else:
+                    continue
+                node = rest
+                break
+            else:
+                return None
+        return None
+
+    return dy_of
+
+
+def _number_part(scale: Any) -> float:
+    return float(scale) if isinstance(scale, (int, float)) else 1.0
+
+
+def _base_output_gradient(mns: Node, minus_one: bool) -> Callable[[Node, Node], bool]:
+    """(gb, dY) ↦ is gb = mns ⊙ dY (the base result's gradient), or (mns − 1) ⊙ dY with dropout."""
+    def check(gb: Node, dy: Node) -> bool:
+        target = poly.atom(dy)
+        p = poly.expand(gb, is_leaf=lambda n: n is target or n.op == "placeholder")
+        expected = {poly.monomial(mns, target): 1.0}
+        if minus_one:
+            expected[(target,)] = -1.0
+        return poly.same_poly(p, expected)
+
+    return check
+
+
+def _magnitude_gradient(norm: Node, backward: set[Node]) -> Node | None:
+    """dm: the backward's one division by the norm (autograd's d(m / norm)/dm), or None."""
+    found = [u for u in norm.users if u in backward and is_call(u, aten.div.Tensor) and u.args[1] is norm]
+    return found[0] if len(found) == 1 else None
+
+
+def _needs_gradient(magnitude: Node) -> bool:
+    source = strip_casts(strip_layout(magnitude))
+    value = source.meta.get("val") if isinstance(source, Node) else None
+    return bool(getattr(value, "requires_grad", True))
+
+
+def _with_dx_sum(gradients: Gradients, dx_sum) -> Gradients:
+    import dataclasses
+
+    return dataclasses.replace(gradients, dx_sum=dx_sum)

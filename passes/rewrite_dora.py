@@ -1,0 +1,76 @@
+"""Writing a DoRA site's chosen variants into the graph (lora_rewrite/dora.py has the algebra).
+
+What is replaced, besides what a LoRA site replaces (passes/rewrite.py):
+
+    out  ← the DoRA forward's Y (the old sum, the eye-built norm and its [i,i] identity lose their users)
+    dm   ← Σₙ dY ⊙ P / ‖W′‖
+    dX   ← as LoRA's DxMode.TOTAL: without dropout the base's (mns ⊙ dY)·W summand becomes the whole dX;
+           with dropout the second base product's ((mns − 1) ⊙ dY)·W summand becomes X̃'s whole part
+"""
+
+from __future__ import annotations
+
+from torch.fx import Node
+
+from lora_rewrite.dora import DoraBackwardOperands, DoraForwardOperands
+from lora_rewrite.variants import DxMode, Variant
+from lora_rewrite.passes.fx import dtype, shape
+from lora_rewrite.passes.rewrite import (GraphOps, check_same, dx_in_rows, first_gradient, gradient_replacements,
+                                         matrix_2d, output_gradient_2d)
+from lora_rewrite.passes.site import Site
+
+
+def build_dora(ops: GraphOps, site: Site, forward: Variant, backward: Variant | None):
+    """(forward result, backward result or None, {old node: new node}) for one DoRA site."""
+    forward_result, y = _build_forward(ops, site, forward)
+    replacements = {site.forward.out: y}
+    backward_result = None
+    if backward is not None:
+        backward_result, backward_replacements = _build_backward(ops, site, backward, forward_result)
+        replacements.update(backward_replacements)
+    return forward_result, backward_result, replacements
+
+
+def _build_forward(ops: GraphOps, site: Site, variant: Variant) -> tuple:
+    """(the variant's DoraForwardResult, Y in the shape of the old sum)."""
+    chain, dora = site.forward, site.dora
+    lin = chain.linear
+    with ops.like(chain.out):
+        base_full = chain.base2d if chain.base2d is not None else matrix_2d(ops, chain.base, chain.n_arg, site.dims.o)
+        operands = DoraForwardOperands(
+            x=chain.x, a=chain.a, b=chain.b, s=chain.scale, m=dora.magnitude, norm_weight=dora.norm_weight,
+            norm_dtype=dtype(dora.norm_weight), norm_out_dtype=dora.norm_out_dtype,
+            norm_reduce_dtype=dora.norm_reduce_dtype, w_io=lin.w_io,
+            bias=lin.bias, base_full=base_full, dropout_product=dora.dropout_product)
+        result = variant.compute(ops, operands)
+        y = result.y
+        if chain.out_shape_args is not None:
+            y = ops.view(y, chain.out_shape_args)
+    check_same(y, chain.out, "forward")
+    return result, y
+
+
+def _build_backward(ops: GraphOps, site: Site, variant: Variant, forward) -> tuple:
+    chain, grads, dora = site.forward, site.backward, site.dora
+    mode = grads.dx_mode
+    with ops.like(first_gradient(ops, site)):
+        w_io = chain.linear.w_io if mode is DxMode.TOTAL else None
+        operands = DoraBackwardOperands(
+            dy=output_gradient_2d(ops, site), x=chain.x, a=chain.a, b=chain.b, s=chain.scale, norm=forward.norm,
+            mns=forward.mns, p=forward.p, w_io=w_io, dx=mode, dx_in_rows=dx_in_rows(site),
+            dropout=dora.dropout_product is not None)
+        result = variant.compute(ops, operands)
+        replacements = gradient_replacements(ops, site, result.grad_a, result.grad_b, result.grad_x)
+        if dora.grad_m is not None:
+            grad_m = _as(ops, result.grad_m, dora.grad_m)
+            check_same(grad_m, dora.grad_m, "backward (dm)")
+            replacements[dora.grad_m] = grad_m
+    return result, replacements
+
+
+def _as(ops: GraphOps, new: Node, old: Node) -> Node:
+    """new in old's dtype and shape (dm leaves as m's gradient: a cast where m is in another dtype)."""
+    new = ops.cast(new, dtype(old))
+    if len(shape(new)) != len(shape(old)):
+        new = ops.view(new, list(shape(old)))
+    return new

@@ -1,0 +1,160 @@
+"""lora_rewrite/traceable_peft.py: the stand-in for PEFT's `dequantize_module_weight` that lets Dynamo
+trace a DoRA layer as one graph. It must return exactly what PEFT's function returns for every weight
+type that function handles, and make a DoRA model one graph where plain LoRA is."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from helpers import result_line, run_fresh_python
+from lora_rewrite import traceable_peft
+
+
+def peft_function():
+    from peft.utils.integrations import dequantize_module_weight
+
+    return dequantize_module_weight
+
+
+def stand_in():
+    return traceable_peft.make_stand_in(peft_function())
+
+
+def test_plain_parameter_is_returned_as_it_is():
+    layer = nn.Linear(8, 4)
+    assert stand_in()(layer) is peft_function()(layer) is layer.weight
+
+
+def test_fsdp_plain_tensor_is_returned_as_it_is():
+    layer = nn.Linear(8, 4)
+    plain = layer.weight.detach().clone()
+    del layer.weight
+    layer.weight = plain   # FSDP's unsharded views are plain tensors, not parameters
+    assert stand_in()(layer) is peft_function()(layer) is plain
+
+
+class HqqLike(nn.Module):
+    """HQQ's layers hold W_q and dequantize themselves."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(4, 8))
+        self.W_q = torch.arange(32, dtype=torch.float32).view(4, 8)
+
+    def dequantize(self):
+        return self.W_q * 0.5
+
+
+def test_hqq_weights_go_to_peft():
+    layer = HqqLike()
+    assert torch.equal(stand_in()(layer), peft_function()(layer))
+    assert torch.equal(stand_in()(layer), layer.dequantize())
+
+
+class TorchaoLikeTensor(torch.Tensor):
+    """A tensor subclass whose module is torchao's (what PEFT tests for)."""
+
+    def dequantize(self):
+        return self.as_subclass(torch.Tensor) * 2
+
+
+TorchaoLikeTensor.__module__ = "torchao.quantization.fake"
+
+
+def test_torchao_weights_go_to_peft():
+    layer = nn.Linear(8, 4)
+    layer.weight = nn.Parameter(torch.ones(4, 8).as_subclass(TorchaoLikeTensor), requires_grad=False)
+    ours, theirs = stand_in()(layer), peft_function()(layer)
+    assert torch.equal(ours, theirs) and torch.equal(ours, torch.full((4, 8), 2.0))
+    assert traceable_peft.plain_weight(layer) is None
+
+
+@pytest.mark.parametrize("kind", ["4bit", "8bit"])
+def test_bitsandbytes_weights_go_to_peft(kind):
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 32, bias=False)
+    if kind == "4bit":
+        layer = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    else:
+        layer = bnb.nn.Linear8bitLt(64, 32, bias=False, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(dense.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    layer = layer.to("cpu")
+    if kind == "4bit":
+        layer(torch.randn(2, 64))   # quantises on first use on the CPU backend
+    assert traceable_peft.plain_weight(layer) is None
+    theirs = peft_function()(layer)
+    ours = stand_in()(layer)
+    assert ours.shape == (32, 64) and torch.equal(ours, theirs)
+
+
+def test_the_stand_ins_are_registered_once_and_peft_modules_are_untouched():
+    from peft.utils import integrations, other
+
+    assert traceable_peft.install() is True and traceable_peft.install() is True
+    assert set(traceable_peft._installed) == {integrations.dequantize_module_weight, other.transpose}   # PEFT's own
+
+
+@pytest.mark.parametrize("kind", ["parameter", "tensor", "no fan_in_fan_out"])
+def test_transpose_gives_peft_s_values_and_input_gradients(kind):
+    """PEFT wraps a parameter's transpose in a new leaf parameter; the stand-in gives the same values,
+    and the same gradients everywhere but on that throwaway leaf (the weight gets none either way)."""
+    from peft.utils.other import transpose
+
+    ours = traceable_peft.make_transpose_stand_in(transpose)
+    weight = nn.Parameter(torch.randn(6, 4)) if kind == "parameter" else torch.randn(6, 4, requires_grad=True)
+    fan_in_fan_out = kind != "no fan_in_fan_out"
+    x = torch.randn(3, 6 if fan_in_fan_out else 4, requires_grad=True)
+    results = []
+    for fn in (transpose, ours):
+        x.grad = weight.grad = None
+        y = x @ fn(weight, fan_in_fan_out).T
+        y.square().sum().backward()
+        results.append((y.detach(), x.grad.clone(), None if weight.grad is None else weight.grad.clone()))
+    (y_peft, dx_peft, dw_peft), (y_ours, dx_ours, dw_ours) = results
+    assert torch.equal(y_peft, y_ours) and torch.equal(dx_peft, dx_ours)
+    assert (dw_peft is None) == (dw_ours is None)
+    if dw_peft is not None:
+        assert torch.equal(dw_peft, dw_ours)
+
+
+def test_a_dora_model_is_one_graph_with_no_break_through_the_backend_name_alone():
+    """A fresh interpreter, no import of lora_rewrite: `backend="runlora"` loads the backend through its
+    entry point, which installs the stand-in before Dynamo traces. 4 Llama layers, DoRA on all 7 linears."""
+    proc = run_fresh_python("""
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=4)
+model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, use_dora=True, target_modules=[
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+ids = torch.randint(0, 128, (2, 16))
+compiled = torch.compile(model, backend="runlora", options={"codegen": False})
+compiled(input_ids=ids, labels=ids).loss.backward()
+from torch._dynamo.utils import counters
+print("RESULT " + json.dumps({"breaks": sum(counters["graph_break"].values()),
+                              "graphs": counters["stats"]["unique_graphs"]}))
+""")
+    assert result_line(proc) == {"breaks": 0, "graphs": 1}
+
+
+@pytest.mark.parametrize("order", ["peft first", "lora_rewrite first"])
+def test_it_is_installed_whichever_is_imported_first(order):
+    """peft first: installed on import of lora_rewrite. lora_rewrite first: peft is not imported for it
+    (it costs seconds); a finder installs the stand-in as soon as peft.utils.integrations is imported."""
+    imports = ["import peft", "import lora_rewrite"]
+    if order == "lora_rewrite first":
+        imports.reverse()
+    code = "\n".join(["import json, sys", imports[0],
+                      "early = 'lora_rewrite' in sys.modules and bool(sys.modules['lora_rewrite'].traceable_peft._installed)",
+                      imports[1], "from lora_rewrite import traceable_peft",
+                      "print('RESULT ' + json.dumps({'early': early, 'installed': bool(traceable_peft._installed)}))"])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
+    assert json.loads(line[len("RESULT "):]) == {"early": False, "installed": True}
