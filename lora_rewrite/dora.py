@@ -22,10 +22,10 @@ as LoRA backward K's (`Variant.lora`).
 
 The norm is computed as PEFT computes it, in the dtype PEFT computes it in, but with B·A as one
 product (`addmm(W, B, A, alpha=s)`, 2·o·r·i FLOPs) instead of the [i,i] identity (2·i·i·r + 2·i·r·o).
-W′ is never saved for backward; P ([N,o]) is, for dm — the one [N,o] tensor per site DoRA needs.
+W′ is never saved for backward; P ([N,o], or P ⊙ mns) is, for dm — the one [N,o] tensor per site DoRA needs.
 
 Forward variants: dora-forward1 (factored, P kept) always; dora-forward2 (Y = X·(mns ⊙ W′)ᵀ + b, one
-product) where LoRA's merged forward is legal and the graph has no backward (it forms no P).
+product; in training P ⊙ mns kept instead of P, see `dora_forward2`) where LoRA's merged forward is legal.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ class DoraForwardOperands:
     bias: Any = None
     base_full: Any = None
     dropout_product: Any = None
+    trains: bool = False   # the graph has the site's backward: dm will need P
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,8 @@ class DoraForwardResult:
     y: Any                 # [N,o]
     norm: Any              # ‖W′‖ [o] (detached)
     mns: Any               # m / ‖W′‖ [o]
-    p: Any = None          # P = X̃·W′ᵀ [N,o], for dm (forward1)
+    p: Any = None          # what dm reads: P = X̃·W′ᵀ (forward1), or P ⊙ k [N,o] (forward2 in training)
+    p_scale: Any = None    # k [o] with p = P ⊙ k (None: p is P itself)
     xa: Any = None         # X̃·Aᵀ [N,r] (forward1)
 
 
@@ -91,6 +93,7 @@ class DoraBackwardOperands:
     norm: Any
     mns: Any
     p: Any
+    p_scale: Any = None
     w_io: Any = None
     dx: DxMode | None = DxMode.TOTAL
     dx_in_rows: bool = False
@@ -165,12 +168,26 @@ def dora_forward1_gemms(d: Dims):  # 2·o·r·i + 2N·(i·o + r·i + o·r)
 
 
 def dora_forward2(ops, p: DoraForwardOperands) -> DoraForwardResult:
-    """dora-forward2: Y = X·(mns ⊙ W′)ᵀ + b — the magnitude and the adapter folded into the weight."""
+    """dora-forward2: Y = X·(mns ⊙ W′)ᵀ + b — the magnitude and the adapter folded into the weight.
+
+    In training dm needs P = X·W′ᵀ, which this product gives up to the column scale: Q = X·(k ⊙ W′)ᵀ with
+    k = mns, so P = Q ⊘ k — except where m is 0, where mns ⊙ P holds nothing of P. There k is 1 instead,
+    Q is P itself, and Y = Q ⊙ [mns ≠ 0] + b: exact for every m, one [N,o] pass (as forward1's), no
+    rank-sized products and no accumulation onto the base. Q is kept for dm (one [N,o], as P)."""
     norm, mns, merged = magnitude_scale(ops, p)
     o = ops.size(p.b, 0)
-    weight = ops.recompute(ops.mul(merged, as_column(ops, mns, o)))     # [o,i]
-    y = ops.mm(p.x, ops.t(weight)) if p.bias is None else ops.addmm(p.bias, p.x, ops.t(weight))
-    return DoraForwardResult(y, norm, mns)
+    if not p.trains:   # nothing needs P: Y straight out of one product
+        weight = ops.recompute(ops.mul(merged, as_column(ops, mns, o)))     # [o,i]
+        y = ops.mm(p.x, ops.t(weight)) if p.bias is None else ops.addmm(p.bias, p.x, ops.t(weight))
+        return DoraForwardResult(y, norm, mns)
+    zero = ops.eq(mns, 0)
+    k = ops.where(zero, 1.0, mns)
+    weight = ops.recompute(ops.mul(merged, as_column(ops, k, o)))          # k ⊙ W′ [o,i]
+    q = ops.mm(p.x, ops.t(weight))                                          # P ⊙ k [N,o]
+    y = ops.where(ops.view(zero, [1, o]), 0.0, q)
+    if p.bias is not None:
+        y = ops.add(y, p.bias)
+    return DoraForwardResult(y, norm, mns, p=q, p_scale=k)
 
 
 def dora_forward2_gemms(d: Dims):  # 2·(o·r·i + N·o·i)
@@ -178,13 +195,8 @@ def dora_forward2_gemms(d: Dims):  # 2·(o·r·i + N·o·i)
 
 
 def dora_forward2_guard(facts: SiteFacts) -> str | None:
-    """As LoRA's forward2, and only where nothing needs P: a graph without the site's backward."""
-    reason = merged_weight_forward_guard(facts)
-    if reason is not None:
-        return reason
-    if facts.trains:
-        return "training: the magnitude's gradient needs P = X·W′ᵀ, which the merged forward never forms"
-    return None
+    """As LoRA's forward2 (the base product is replaced by X·(k ⊙ W′)ᵀ)."""
+    return merged_weight_forward_guard(facts)
 
 
 DORA_FORWARD1 = Variant("dora-forward1", "DoRA factored: P = X·Wᵀ + s·(X·Aᵀ)·Bᵀ kept, Y = mns ⊙ P + b",
@@ -209,7 +221,8 @@ def _dora_backward_compute(lora: Variant):
         result = lora.compute(ops, BackwardOperands(dy=p.dy, x=p.x, a=p.a, b=scaled_b, s=p.s, w_io=w_io,
                                                     dx=p.dx, dx_in_rows=p.dx_in_rows))
         grad_b = ops.mul(result.grad_b, ops.cast(column, ops.dtype_of(result.grad_b)))   # mns ⊙ dB
-        grad_m = ops.div(ops.sum_dim(ops.mul(p.dy, p.p), 0), p.norm)                      # Σₙ dY ⊙ P / ‖W′‖
+        norm = p.norm if p.p_scale is None else ops.mul(p.norm, p.p_scale)    # p = P ⊙ k: divide k out
+        grad_m = ops.div(ops.sum_dim(ops.mul(p.dy, p.p), 0), norm)                        # Σₙ dY ⊙ P / ‖W′‖
         return DoraBackwardResult(result.grad_a, grad_b, result.grad_x, grad_m, z1=result.z1, xa=result.xa)
 
     return compute

@@ -232,6 +232,16 @@ class EagerOps(FixedForms):
     def sqrt(self, a):
         return aten.sqrt.default(a)
 
+    def eq(self, a, value):
+        return aten.eq.Scalar(a, value)
+
+    def where(self, condition, a, b):
+        if isinstance(a, (int, float)):
+            return aten.where.ScalarSelf(condition, a, b)
+        if isinstance(b, (int, float)):
+            return aten.where.ScalarOther(condition, a, b)
+        return aten.where.self(condition, a, b)
+
     def sum_dim(self, a, dim):
         return aten.sum.dim_IntList(a, [dim])
 

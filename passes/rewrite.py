@@ -168,6 +168,16 @@ class GraphOps(FixedForms):
     def sqrt(self, a):
         return self.call(aten.sqrt.default, a)
 
+    def eq(self, a, value):
+        return self.call(aten.eq.Scalar, a, value)
+
+    def where(self, condition, a, b):
+        if isinstance(a, (int, float)):
+            return self.call(aten.where.ScalarSelf, condition, a, b)
+        if isinstance(b, (int, float)):
+            return self.call(aten.where.ScalarOther, condition, a, b)
+        return self.call(aten.where.self, condition, a, b)
+
     def sum_dim(self, a, dim):
         return self.call(aten.sum.dim_IntList, a, [dim])
 
@@ -262,6 +272,8 @@ def _build_forward(ops: GraphOps, site: Site, variant: Variant) -> ForwardResult
             operands = ForwardOperands(x=chain.x, a=chain.a, b=chain.b, s=chain.scale, base=base)
         result = variant.compute(ops, operands)
         y = result.y
+        if chain.term_cast is not None:   # PEFT cast the adapter's term to the base's dtype before the sum
+            y = ops.cast(y, dtype(chain.out))
         if chain.out_shape_args is not None:
             y = ops.view(y, chain.out_shape_args)
     check_same(y, chain.out, "forward")
@@ -273,12 +285,21 @@ def _build_backward(ops: GraphOps, site: Site, variant: Variant) -> tuple[Backwa
     chain, grads = site.forward, site.backward
     mode = grads.dx_mode
     with ops.like(first_gradient(ops, site)):
-        w_io = chain.linear.w_io if mode is DxMode.TOTAL else None
+        w_io = base_weight_io(ops, site) if mode is DxMode.TOTAL else None
         operands = BackwardOperands(dy=output_gradient_2d(ops, site), x=chain.x, a=chain.a, b=chain.b,
                                     s=chain.scale, w_io=w_io, dx=mode, dx_in_rows=dx_in_rows(site))
         result = variant.compute(ops, operands)
         replacements = gradient_replacements(ops, site, result.grad_a, result.grad_b, result.grad_x)
     return result, replacements
+
+
+def base_weight_io(ops: GraphOps, site: Site) -> Node:
+    """Wᵀ [i,o] as the base's input-gradient product reads W: the linear's operand, or the transpose of the
+    [o,i] weight the backward's product reads (a quantized base's dequantized weight)."""
+    dx_sum = site.backward.dx_sum
+    if dx_sum.weight is not None:
+        return ops.t(dx_sum.weight)
+    return site.forward.linear.w_io
 
 
 def first_gradient(ops: GraphOps, site: Site) -> Node:

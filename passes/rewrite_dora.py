@@ -41,7 +41,7 @@ def _build_forward(ops: GraphOps, site: Site, variant: Variant) -> tuple:
             x=chain.x, a=chain.a, b=chain.b, s=chain.scale, m=dora.magnitude, norm_weight=dora.norm_weight,
             norm_dtype=dtype(dora.norm_weight), norm_out_dtype=dora.norm_out_dtype,
             norm_reduce_dtype=dora.norm_reduce_dtype, w_io=lin.w_io,
-            bias=lin.bias, base_full=base_full, dropout_product=dora.dropout_product)
+            bias=lin.bias, base_full=base_full, dropout_product=dora.dropout_product, trains=site.backward is not None)
         result = variant.compute(ops, operands)
         y = result.y
         if chain.out_shape_args is not None:
@@ -57,7 +57,7 @@ def _build_backward(ops: GraphOps, site: Site, variant: Variant, forward) -> tup
         w_io = chain.linear.w_io if mode is DxMode.TOTAL else None
         operands = DoraBackwardOperands(
             dy=output_gradient_2d(ops, site), x=chain.x, a=chain.a, b=chain.b, s=chain.scale, norm=forward.norm,
-            mns=forward.mns, p=forward.p, w_io=w_io, dx=mode, dx_in_rows=dx_in_rows(site),
+            mns=forward.mns, p=forward.p, p_scale=forward.p_scale, w_io=w_io, dx=mode, dx_in_rows=dx_in_rows(site),
             dropout=dora.dropout_product is not None)
         result = variant.compute(ops, operands)
         replacements = gradient_replacements(ops, site, result.grad_a, result.grad_b, result.grad_x)

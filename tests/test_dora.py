@@ -42,7 +42,7 @@ def peft_dora(t, dropout):
     return y.detach(), x.grad, a.grad, b.grad, m.grad
 
 
-def run_dora(forward, backward, t, dropout, forms):
+def run_dora(forward, backward, t, dropout, forms, trains=True):
     """Our variants on the same tensors: Y, dX (X's whole gradient), dA, dB, dm."""
     ops = EagerOps(forms)
     x_lora = t["x"] * t["mask"] if dropout else t["x"]
@@ -52,11 +52,12 @@ def run_dora(forward, backward, t, dropout, forms):
     fwd = forward.compute(ops, DoraForwardOperands(
         x=x_lora, a=t["a"], b=t["b"], s=S, m=t["m"], norm_weight=t["w"], norm_dtype=t["w"].dtype,
         norm_out_dtype=t["w"].dtype, norm_reduce_dtype=t["w"].dtype, w_io=w_io, bias=t["bias"], base_full=base_full,
-        dropout_product=dropout_product))
+        dropout_product=dropout_product, trains=trains))
     if backward is None:
         return fwd, None
     bwd = backward.compute(ops, DoraBackwardOperands(
-        dy=t["dy"], x=x_lora, a=t["a"], b=t["b"], s=S, norm=fwd.norm, mns=fwd.mns, p=fwd.p, w_io=w_io,
+        dy=t["dy"], x=x_lora, a=t["a"], b=t["b"], s=S, norm=fwd.norm, mns=fwd.mns, p=fwd.p, p_scale=fwd.p_scale,
+        w_io=w_io,
         dx=DxMode.TOTAL, dropout=dropout))
     grad_x = bwd.grad_x
     if dropout:   # the variant returns X̃'s part; the model adds the base's own dY·W to the masked sum
@@ -69,27 +70,44 @@ def close(reference, actual, rtol=1e-10):
     return float(err) <= rtol
 
 
-# Merged backward variants are illegal under dropout (their guard, in test_guards): not paired with it.
-CASES = [(v, dropout) for v in DORA_BACKWARDS for dropout in (False, True) if not (dropout and v.merges_weight)]
+# Merged variants are illegal under dropout (their guards, in test_guards): not paired with it.
+CASES = [(f, v, dropout) for f in DORA_FORWARDS for v in DORA_BACKWARDS for dropout in (False, True)
+         if not (dropout and (v.merges_weight or f.merges_weight))]
 
 
 @pytest.mark.parametrize("forms", FORMS.values(), ids=FORMS.keys())
-@pytest.mark.parametrize("backward,dropout", CASES, ids=[f"{v.name}-{'dropout' if d else 'no-dropout'}" for v, d in CASES])
-def test_every_dora_backward_with_forward1_equals_peft_in_float64(backward, dropout, forms):
+@pytest.mark.parametrize("forward,backward,dropout", CASES,
+                         ids=[f"{f.name}-{v.name}-{'dropout' if d else 'no-dropout'}" for f, v, d in CASES])
+def test_every_dora_pair_equals_peft_in_float64(forward, backward, dropout, forms):
     t = tensors()
     y_ref, *grads_ref = peft_dora(t, dropout)
-    fwd, grads = run_dora(DORA_FORWARD1, backward, t, dropout, forms)
+    fwd, grads = run_dora(forward, backward, t, dropout, forms)
     assert close(y_ref, fwd.y)
     for what, ref, ours in zip(("dX", "dA", "dB", "dm"), grads_ref, grads):
         assert close(ref, ours), what
+
+
+@pytest.mark.parametrize("backward", [DORA_BACKWARDS[0], DORA_BACKWARDS[4]], ids=lambda v: v.name)
+def test_the_merged_training_forward_is_exact_where_a_magnitude_is_zero(backward):
+    """mns ⊙ P holds nothing of P where m is 0; the merged forward keeps P itself there (k = 1), so Y, dm and
+    every other gradient are PEFT's at every row, the zero rows included."""
+    t = tensors()
+    t["m"][[1, 5]] = 0.0
+    y_ref, *grads_ref = peft_dora(t, dropout=False)
+    fwd, grads = run_dora(DORA_FORWARD2, backward, t, False, {})
+    assert close(y_ref, fwd.y)
+    for what, ref, ours in zip(("dX", "dA", "dB", "dm"), grads_ref, grads):
+        assert torch.isfinite(ours).all() and close(ref, ours), what
+    assert grads_ref[3][[1, 5]].abs().min() > 0   # the zero rows do have a gradient
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_the_merged_forward_equals_peft_in_float64(bias):
     t = tensors(bias=bias)
     y_ref = peft_dora(t, dropout=False)[0]
-    fwd, _ = run_dora(DORA_FORWARD2, None, t, False, {})
-    assert close(y_ref, fwd.y)
+    for trains in (False, True):
+        fwd, _ = run_dora(DORA_FORWARD2, None, t, False, {}, trains=trains)
+        assert close(y_ref, fwd.y)
 
 
 def test_the_norm_is_peft_s_and_built_without_an_identity():
@@ -98,7 +116,7 @@ def test_the_norm_is_peft_s_and_built_without_an_identity():
     with FlopCounterMode(display=False) as counter:
         fwd = DORA_FORWARD2.compute(ops, DoraForwardOperands(
             x=t["x"], a=t["a"], b=t["b"], s=S, m=t["m"], norm_weight=t["w"], norm_dtype=t["w"].dtype,
-            norm_out_dtype=t["w"].dtype, norm_reduce_dtype=t["w"].dtype, w_io=t["w"].t(), bias=t["bias"]))
+            norm_out_dtype=t["w"].dtype, norm_reduce_dtype=t["w"].dtype, w_io=t["w"].t(), bias=t["bias"]))   # inference
     expected = torch.linalg.norm(t["w"] + S * t["b"] @ t["a"], dim=1)
     assert close(expected, fwd.norm)
     assert counter.get_total_flops() == DORA_FORWARD2.flops(Dims(N, I, O, R, needs_dx=False))
@@ -116,11 +134,11 @@ def merged_facts(**changes):
 def test_guards():
     assert DORA_FORWARD1.illegal_reason(merged_facts(dropout=True, trains=True)) is None
     assert DORA_FORWARD2.illegal_reason(merged_facts()) is None
-    assert "training" in DORA_FORWARD2.illegal_reason(merged_facts(trains=True))
+    assert DORA_FORWARD2.illegal_reason(merged_facts(trains=True)) is None
     assert "lora_dropout" in DORA_FORWARD2.illegal_reason(merged_facts(dropout=True, adapter_reads_base_input=False))
     assert "fp16" in DORA_FORWARD2.illegal_reason(merged_facts(adapter_dtype=torch.float16, base_dtype=torch.float16,
                                                                 weight_dtype=torch.float16))
-    for variant in DORA_BACKWARDS:
+    for variant in DORA_FORWARDS + DORA_BACKWARDS:
         reason = variant.illegal_reason(merged_facts(dropout=True, trains=True))
         assert (reason is not None) == variant.merges_weight, variant.name
 
