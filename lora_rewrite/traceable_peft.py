@@ -41,15 +41,29 @@ def plain_weight(module: torch.nn.Module):
 
 
 def make_stand_in(original):
-    """The traceable stand-in for PEFT's `original` dequantize_module_weight."""
+    """The traceable stand-in for PEFT's `original` dequantize_module_weight. Anything but a plain weight
+    goes to PEFT's code as it is — through a copy of the function: Dynamo would trace a call of `original`
+    itself as this stand-in again, without end."""
+    pefts_own = untraced_copy(original)
 
     def dequantize_module_weight(module):
         weight = plain_weight(module)
         if weight is not None:
             return weight
-        return original(module)
+        return pefts_own(module)
 
     return dequantize_module_weight
+
+
+def untraced_copy(function):
+    """The same code under another identity: no stand-in is registered for it, so Dynamo traces (or
+    breaks at) PEFT's own lines, exactly as it did before the stand-in."""
+    import types
+
+    copy = types.FunctionType(function.__code__, function.__globals__, function.__name__, function.__defaults__,
+                              function.__closure__)
+    copy.__kwdefaults__ = function.__kwdefaults__
+    return copy
 
 
 def make_transpose_stand_in(original):

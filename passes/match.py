@@ -28,11 +28,12 @@ from torch.fx import Graph, Node
 
 from lora_rewrite.variants import Dims, SiteFacts
 from lora_rewrite.passes.fx import (ADD, ADDMM, BMM, EXPAND, MM, MUL, VIEWS, ancestors, backward_region, dtype,
-                                    is_call, is_matrix, is_weight, made_by_runlora, matmul_operands, random_ops,
+                                    is_call, is_matrix, is_weight, made_by_runlora, matmul_operands, prims, random_ops,
                                     same_rows, same_scale, same_shape, same_size, same_value, shape, single_user,
                                     split_scale, strip_layout, transpose_source)
 from lora_rewrite.passes.match_dora import is_dora_norm_product, looks_like_dora, match_dora_site
 from lora_rewrite.passes.match_input_grad import input_grad_sum
+from lora_rewrite.passes.match_quantized import dequantized_weight, quantized_base
 from lora_rewrite.passes.provenance import provenance_of
 from lora_rewrite.passes.site import ForwardChain, Gradients, LinearBase, NoMatch, Site
 
@@ -116,7 +117,7 @@ def _match_forward(anchor: Node, backward: set[Node]) -> ForwardChain:
         raise NoMatch("A's shape does not match X's features statically")
 
     xab, b, o = match_adapter_product(anchor, backward, r)
-    out, term, scale, out_shape_args, chain = _scaled_sum(xab)
+    out, term, scale, out_shape_args, chain, term_cast = _scaled_sum(xab)
     base = out.args[1] if out.args[0] is term else out.args[0]
     if base is term or not isinstance(base, Node):
         raise NoMatch("the adapter output is added to itself or to a constant")
@@ -125,7 +126,9 @@ def _match_forward(anchor: Node, backward: set[Node]) -> ForwardChain:
     if not same_shape(out_shape, base_shape) or not same_size(out_shape[-1], o):
         raise NoMatch("the base result and the adapter output have different shapes (broadcasting)")
     lora_dtype = dtype(anchor)
-    if dtype(xab) != lora_dtype or dtype(term) != lora_dtype or lora_dtype != dtype(out):
+    summed = term.args[0] if term_cast is not None else term   # the adapter's term before PEFT's cast
+    if dtype(xab) != lora_dtype or dtype(summed) != lora_dtype or dtype(term) != dtype(out) or \
+            (term_cast is None and lora_dtype != dtype(out)):
         raise NoMatch(f"the adapter computes in {lora_dtype} but the sum is {dtype(out)}")
     if len(out_shape) != 2 and out_shape_args is None:
         raise NoMatch("the adapter output reaches the sum without a view")
@@ -136,9 +139,14 @@ def _match_forward(anchor: Node, backward: set[Node]) -> ForwardChain:
     elif is_call(base, *VIEWS) and shape(base.args[0]) is not None and len(shape(base.args[0])) == 2:
         base2d = base.args[0]
     linear = _linear_base(base2d, i, o) if base2d is not None else _batched_linear_base(base, i, o)
-    if linear is None and not made_by_runlora(strip_layout(base)):
-        raise NoMatch("the base layer is not a plain linear of a weight parameter (a quantized or custom base "
-                      "layer, or an adapter whose own site was left untouched)")
+    quantized = quantized_base(base) if linear is None else None
+    if quantized is not None:   # read through PEFT's defensive clone: a copy of a value nothing writes
+        base = quantized.product
+        base2d = base if len(shape(base)) == 2 else None
+    elif linear is None and not made_by_runlora(strip_layout(base)):
+        raise NoMatch("the base layer is not a plain linear of a weight parameter nor a bitsandbytes 4-bit "
+                      "product (another quantized or custom base layer, or an adapter whose own site was left "
+                      "untouched)")
     n_arg = None
     if is_call(x, *VIEWS):
         n_arg = x.args[1][0]
@@ -146,8 +154,9 @@ def _match_forward(anchor: Node, backward: set[Node]) -> ForwardChain:
         n_arg = n
     if n_arg is None:
         raise NoMatch("the token count N could not be read from the graph's views")
-    return ForwardChain(x=x, a=a, b=b, scale=scale, out=out, base=base, base2d=base2d,
-                        out_shape_args=out_shape_args, n_arg=n_arg, linear=linear, sizes=(n, i, o, r),
+    return ForwardChain(x=x, a=a, b=b, scale=scale, out=out, base=base, base2d=base2d, quantized=quantized,
+                        term_cast=term_cast, out_shape_args=out_shape_args, n_arg=n_arg, linear=linear,
+                        sizes=(n, i, o, r),
                         dtype=lora_dtype, base_dtype=dtype(base), nodes=(anchor, *chain, out))
 
 
@@ -171,9 +180,10 @@ def match_adapter_product(anchor: Node, backward: set[Node], r: Any) -> tuple[No
     return xab, b, o
 
 
-def _scaled_sum(xab: Node) -> tuple[Node, Node, Any, Any, list[Node]]:
-    """From xab through an optional view and an optional scaling to the add with the base result:
-    (out, the summand that reaches it, s, the view's args, xab and the nodes up to that summand)."""
+def _scaled_sum(xab: Node) -> tuple[Node, Node, Any, Any, list[Node], Any]:
+    """From xab through an optional view, an optional scaling and an optional cast (PEFT's bnb layers cast
+    the adapter's term to the base's dtype) to the add with the base result: (out, the summand that
+    reaches it, s, the view's args, xab and the nodes up to that summand, the cast's dtype or None)."""
     chain = [xab]
     term = xab
     out_shape_args = None
@@ -199,9 +209,16 @@ def _scaled_sum(xab: Node) -> tuple[Node, Node, Any, Any, list[Node]]:
         nxt = single_user(term)
         if nxt is None:
             raise NoMatch("the scaled adapter output is used by more than one op")
+    term_cast = None
+    if is_call(nxt, prims.convert_element_type.default):
+        term_cast, term = nxt.args[1], nxt
+        chain.append(term)
+        nxt = single_user(term)
+        if nxt is None:
+            raise NoMatch("the cast adapter output is used by more than one op")
     if not is_call(nxt, ADD) or nxt.kwargs.get("alpha", 1) != 1 or len(nxt.args) != 2:
         raise NoMatch(f"the adapter output is not added to a base result (it goes to {getattr(nxt, 'target', nxt)})")
-    return nxt, term, scale, out_shape_args, chain
+    return nxt, term, scale, out_shape_args, chain, term_cast
 
 
 def _linear_base(base2d: Node, i: int, o: int) -> LinearBase | None:
@@ -256,11 +273,17 @@ def _through_view(node: Any) -> Any:
 
 def _match_backward(anchor: Node, forward: ForwardChain, backward: set[Node]) -> Gradients:
     gradients = adapter_gradients(anchor, forward, backward, lambda g_source: _unscaled(g_source, forward))
+    dy = gradients.dy
+    is_dy = lambda gb: same_value(strip_layout(gb), strip_layout(dy))  # noqa: E731
     if gradients.grad_x_lora is not None and forward.linear is not None:
-        dy = gradients.dy
-        dx_sum = input_grad_sum(gradients.grad_x_lora, forward.linear,
-                                lambda gb: same_value(strip_layout(gb), strip_layout(dy)), forward.sizes[2])
+        dx_sum = input_grad_sum(gradients.grad_x_lora, forward.linear, is_dy, forward.sizes[2])
         gradients = dataclasses.replace(gradients, dx_sum=dx_sum)
+    elif gradients.grad_x_lora is not None and forward.quantized is not None:
+        n, i, o, r = forward.sizes
+        weight = dequantized_weight(forward.quantized, o, i)
+        if weight is not None:
+            dx_sum = input_grad_sum(gradients.grad_x_lora, None, is_dy, o, weight=weight)
+            gradients = dataclasses.replace(gradients, dx_sum=dx_sum)
     return gradients
 
 

@@ -43,15 +43,18 @@ def _summand(product: Node) -> tuple[Node, Any, Any, Node | None]:
     return end, view_args, cast_to, user
 
 
-def input_grad_sum(dxa: Node, linear: LinearBase, is_base_gradient: Callable[[Node], bool],
-                   o: int) -> InputGradSum | None:
+def input_grad_sum(dxa: Node, linear: LinearBase | None, is_base_gradient: Callable[[Node], bool],
+                   o: int, weight: Node | None = None) -> InputGradSum | None:
     """Where dX_a (= z1·A) and the base's input gradient G·W are summed, if they are: both products in
     the adapter's dtype, reaching the same sum through the same view and cast. `is_base_gradient(G)`
-    says whether G is the base result's gradient (dY for LoRA)."""
+    says whether G is the base result's gradient (dY for LoRA). `weight`: instead of the linear's Wᵀ, the
+    [o,i] weight the base's product G·W reads directly (a quantized base's dequantized weight)."""
     lora_end, lora_view_args, lora_cast, lora_add = _summand(dxa)
     if lora_add is None or not is_call(lora_add, ADD) or lora_add.kwargs:
         return None
-    for product, gb, value in _input_grad_products(linear.w_io):
+    products = _input_grad_products(linear.w_io) if weight is None else \
+        [(mm, mm.args[0], mm) for mm in weight.users if is_call(mm, MM) and mm.args[1] is weight]
+    for product, gb, value in products:
         batched = is_call(product, BMM)
         rows_match = same_size(shape(gb)[-1], o) if batched else same_shape(shape(gb), shape(dxa)[:1] + (o,))
         if not (dtype(value) == dtype(dxa) and rows_match and is_base_gradient(gb)):
@@ -64,7 +67,7 @@ def input_grad_sum(dxa: Node, linear: LinearBase, is_base_gradient: Callable[[No
         root = _add_root(lora_end)
         if root is lora_end or _add_root(base_end) is not root:
             continue
-        return InputGradSum(lora_end, lora_add, product, base_end, view_args, base_cast)
+        return InputGradSum(lora_end, lora_add, product, base_end, view_args, base_cast, weight)
     return None
 
 

@@ -56,9 +56,11 @@ class ForwardChain:
     n_arg: Any                   # N as view args spell it (an int or a SymInt node)
     linear: LinearBase | None    # the base product, when it is a plain linear of a weight parameter
     sizes: tuple                 # (N, i, o, r) as read off X, A and B; N may be a SymInt
-    dtype: torch.dtype           # the adapter's compute dtype, which is also the sum's
+    dtype: torch.dtype           # the adapter's compute dtype (the sum's, unless `term_cast`)
     base_dtype: torch.dtype
     nodes: tuple[Node, ...]      # xa, xab, the view and the scaling between them, out
+    quantized: Any = None        # a QuantizedBase (passes/match_quantized.py) when the base is a 4-bit product
+    term_cast: Any = None        # the dtype s·(X·Aᵀ)·Bᵀ is cast to before the sum (PEFT's bnb layers), or None
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class InputGradSum:
     base_end: Node      # base_mm, or its view, or the cast of that, as it enters the sum
     view_args: Any      # view args from [N,i] back to X's shape, None if X is 2-D
     cast_to: Any        # the dtype both summands are cast to before the sum (autocast), or None
+    weight: Node | None = None   # the [o,i] weight base_mm reads, where the base is not a plain linear
+                                 # (a quantized base's dequantized weight); None: the linear's Wᵀ, transposed
 
     @property
     def leaves_graph(self) -> bool:

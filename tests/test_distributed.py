@@ -29,7 +29,7 @@ def wrap(model, how, bucket_mb):
 def full_grad(p):
     return (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
 
-def worker(rank, world, init_file, how, compile_each_layer, bucket_mb, out_file):
+def worker(rank, world, init_file, how, compile_each_layer, bucket_mb, out_file, use_dora):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     # Tiny buckets for tiny adapters (so the graph splits); DDPOptimizer wants the first no larger.
     dist._DEFAULT_FIRST_BUCKET_BYTES = int(bucket_mb * 2**20)
@@ -37,7 +37,7 @@ def worker(rank, world, init_file, how, compile_each_layer, bucket_mb, out_file)
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=[
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, use_dora=use_dora, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -71,18 +71,21 @@ def worker(rank, world, init_file, how, compile_each_layer, bucket_mb, out_file)
 if __name__ == "__main__":
     import sys
     how, compile_each_layer, bucket_mb, out_file = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3]), sys.argv[4]
+    use_dora = sys.argv[5] == "1"
     init_file = tempfile.mktemp()
-    mp.spawn(worker, args=(2, init_file, how, compile_each_layer, bucket_mb, out_file), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, init_file, how, compile_each_layer, bucket_mb, out_file, use_dora), nprocs=2,
+             join=True)
 """
 
 SITES_IN_MODEL = 2 * 7  # two decoder layers, seven adapted linears each (grads: A and B of each)
 
 
-def run_two_processes(tmp_path, how: str, *, compile_each_layer: bool = False, bucket_mb: float = 25.0) -> dict:
+def run_two_processes(tmp_path, how: str, *, compile_each_layer: bool = False, bucket_mb: float = 25.0,
+                      use_dora: bool = False) -> dict:
     script = tmp_path / f"{how}_runlora.py"
     script.write_text(FRESH_PRELUDE + SCRIPT)
     out = tmp_path / "result.json"
-    argv = [how, "1" if compile_each_layer else "0", str(bucket_mb), str(out)]
+    argv = [how, "1" if compile_each_layer else "0", str(bucket_mb), str(out), "1" if use_dora else "0"]
     run_fresh_python(f"import runpy, sys; sys.argv = ['x'] + {argv!r}; "
                      f"runpy.run_path({str(script)!r}, run_name='__main__')")
     return json.loads(out.read_text())
@@ -106,3 +109,14 @@ def test_fsdp2_matches_eager_fsdp2_and_rewrites_every_site(tmp_path, compile_eac
     counters = result["counters"]
     assert counters["sites_found"] == counters["sites_rewritten"] == SITES_IN_MODEL
     assert counters["backward_rewritten"] == SITES_IN_MODEL
+
+
+def test_fsdp2_with_dora_matches_eager_fsdp2_and_rewrites_every_site(tmp_path):
+    """DoRA under FSDP2: the unsharded weights reach PEFT's DoRA layer as plain parameters, which the
+    stand-in returns as they are (lora_rewrite/traceable_peft.py): one graph, every site rewritten, and
+    A, B and the magnitude's gradients equal eager FSDP2's."""
+    result = run_two_processes(tmp_path, "fsdp2", use_dora=True)
+    assert result["same_keys"] and result["grads"] == 3 * SITES_IN_MODEL and result["err"] <= 1e-5
+    counters = result["counters"]
+    assert counters["sites_found"] == counters["sites_rewritten"] == SITES_IN_MODEL
+    assert counters["backward_rewritten"] == SITES_IN_MODEL and counters["chose_dora-forward2"] == SITES_IN_MODEL

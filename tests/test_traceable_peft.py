@@ -55,6 +55,28 @@ def test_hqq_weights_go_to_peft():
     assert torch.equal(stand_in()(layer), layer.dequantize())
 
 
+@pytest.mark.parametrize("kind", ["hqq", "torchao", "plain"])
+def test_under_dynamo_every_weight_type_gives_peft_s_value(kind):
+    """Traced by Dynamo, the stand-in runs in place of PEFT's function: a plain weight comes straight back
+    (no graph break), any other goes to PEFT's own code — HQQ's branch traces, the torchao test breaks the
+    graph, as before — never back into the stand-in (which would recurse without end)."""
+    layer = HqqLike() if kind == "hqq" else nn.Linear(8, 4)
+    if kind == "torchao":
+        layer.weight = nn.Parameter(torch.ones(4, 8).as_subclass(TorchaoLikeTensor), requires_grad=False)
+    expected = peft_function()(layer)
+
+    def reads_the_weight(x):
+        return x * peft_function()(layer).sum()
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    x = torch.ones(3)
+    got = torch.compile(reads_the_weight, backend="eager")(x)
+    assert torch.equal(got, x * expected.sum())
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    assert (breaks > 0) == (kind == "torchao")
+
+
 class TorchaoLikeTensor(torch.Tensor):
     """A tensor subclass whose module is torchao's (what PEFT tests for)."""
 

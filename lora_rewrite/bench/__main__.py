@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("-d", "--lora_dropout", type=float, default=0.0, help="dropout on the adapter input; default %(default)s")
     lora.add_argument("--dora", action="store_true", help="PEFT DoRA adapters (use_dora=True); default impls "
                       "then: " + " ".join(DORA_DEFAULT_IMPLS))
+    lora.add_argument("--4bit", dest="bits4", action="store_true", help="QLoRA: the adapted linears' bases "
+                      "quantized to bitsandbytes 4-bit (nf4, double quantisation) from their random weights; the "
+                      "frozen floor is the same 4-bit model")
     lora.add_argument("--fp32-adapters", action="store_true", help="keep adapters in fp32 on a bf16 model "
                       "(PEFT's autocast_adapter_dtype default; makes the merged variants illegal). Default: "
                       "adapters in the model's dtype, as the paper")
@@ -221,6 +225,10 @@ def model_case(args, device, dtype, extra_options, on_step):
         raise SystemExit(f"--seq_len {seq_len} exceeds {spec.name}'s {spec.max_tokens_per_sequence} learned positions")
     targets = args.target_modules or models.default_target_modules(spec.family)
     base = models.build_base_model(spec, dtype=dtype, device=device, seed=args.seed)
+    if args.bits4:
+        if not isinstance(targets, (list, tuple)) or any(re.search(r"[\\.*$^(|]", t) for t in targets):
+            raise SystemExit("--4bit quantizes the linears named by --target_modules: give names, not a pattern")
+        base = models.quantize_4bit(base, targets, dtype)
     frozen = copy.deepcopy(base).requires_grad_(False)
     names = implementation_names(args.impls, args.criterions)
     lora_twin = copy.deepcopy(base) if any(n.endswith(LORA_SUFFIX) for n in names) else None
@@ -248,7 +256,7 @@ def model_case(args, device, dtype, extra_options, on_step):
     settings = {"mode": "model", "model": spec.name, "family": spec.family, "head": spec.head,
                 "config_source": spec.source, "batch": batch, "seq_len": seq_len, "tokens": batch * seq_len,
                 "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
-                "dtype": args.dtype, "fp32_adapters": args.fp32_adapters, "dora": args.dora,
+                "dtype": args.dtype, "fp32_adapters": args.fp32_adapters, "dora": args.dora, "4bit": args.bits4,
                 "target_modules": targets,
                 "lora_sites": models.count_lora_sites(peft_model), "parameters": n_params,
                 "trainable_parameters": n_trainable,
@@ -293,7 +301,7 @@ def layer_case(shape, args, device, dtype, extra_options, on_step):
 
     names = implementation_names(args.impls, args.criterions)
     build = dict(r=shape.r, alpha=args.lora_alpha, dropout=args.lora_dropout, bias=args.bias, dtype=dtype,
-                 device=device, fp32_adapters=args.fp32_adapters, seed=args.seed)
+                 device=device, fp32_adapters=args.fp32_adapters, seed=args.seed, bits4=args.bits4)
     peft_model, frozen = layer.build_layer_models(shape, use_dora=args.dora, **build)
     inputs = layer.make_layer_inputs(shape, dtype=dtype, device=device, seed=args.seed)
     lora_loss = layer.ProbeLoss(peft_model, inputs.probe)
@@ -313,7 +321,7 @@ def layer_case(shape, args, device, dtype, extra_options, on_step):
     settings = {"mode": "layer", "i": shape.i, "o": shape.o, "tokens": shape.tokens, "batch": shape.batch,
                 "seq_len": shape.tokens // shape.batch, "lora_r": shape.r, "lora_alpha": args.lora_alpha,
                 "lora_dropout": args.lora_dropout, "stack": shape.stack, "siblings": shape.siblings, "bias": args.bias, "dtype": args.dtype,
-                "fp32_adapters": args.fp32_adapters, "dora": args.dora}
+                "fp32_adapters": args.fp32_adapters, "dora": args.dora, "4bit": args.bits4}
     notes = ["step: loss = Σ Y ⊙ G (fixed random G, so dY = G) on X[b, N/b, i] requiring grad; "
              "frozen: the same linears without adapters"]
     results = _measure(impls, device, args, on_step)

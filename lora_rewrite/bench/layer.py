@@ -135,7 +135,7 @@ class LinearStack(nn.Module):
 
 def build_layer_models(shape: LayerShape, *, r: int, alpha: float, dropout: float, bias: bool,
                        dtype: torch.dtype, device: torch.device, fp32_adapters: bool, seed: int = 0,
-                       use_dora: bool = False):
+                       use_dora: bool = False, bits4: bool = False):
     """(peft_model, frozen_model): the same base stack, with and without LoRA on every `proj`."""
     from lora_rewrite.bench.models import add_lora
 
@@ -143,6 +143,10 @@ def build_layer_models(shape: LayerShape, *, r: int, alpha: float, dropout: floa
     with torch.device(device):
         base = LinearStack(shape.i, shape.o, shape.stack, bias, shape.siblings)
     base = base.to(dtype).train()
+    if bits4:   # QLoRA: the bases quantized to 4-bit; the frozen floor is the same 4-bit stack
+        from lora_rewrite.bench.models import quantize_4bit
+
+        base = quantize_4bit(base, sibling_names(shape.siblings), dtype)
     frozen = copy.deepcopy(base).requires_grad_(False)
     peft_model = add_lora(base, r=r, alpha=alpha, dropout=dropout, target_modules=sibling_names(shape.siblings),
                           fp32_adapters=fp32_adapters, seed=seed, use_dora=use_dora)

@@ -221,14 +221,12 @@ def dora_graph_breaks():
     every DoRA layer breaks the graph at its torchao test, as for a user today. Active only inside the
     block (the benchmark's `inductor-breaks` steps); compiled code guards on the function it saw, so the
     other implementations keep theirs."""
-    import types
-
     from peft.tuners.lora import dora
 
+    from lora_rewrite.traceable_peft import untraced_copy
+
     original = dora.dequantize_module_weight
-    copy_ = types.FunctionType(original.__code__, original.__globals__, original.__name__, original.__defaults__,
-                               original.__closure__)
-    dora.dequantize_module_weight = copy_
+    dora.dequantize_module_weight = untraced_copy(original)
     try:
         yield
     finally:
@@ -248,3 +246,32 @@ def lora_out_features(peft_model) -> list[int]:
     from peft.tuners.lora import Linear as LoraLinear
 
     return [m.out_features for m in peft_model.modules() if isinstance(m, LoraLinear)]
+
+
+def quantize_4bit(model, target_names, compute_dtype: torch.dtype):
+    """Replace every nn.Linear named in `target_names` by bitsandbytes' 4-bit layer (nf4, double
+    quantisation) holding its weight, quantized now (random weights, no download): the QLoRA base PEFT
+    then wraps in `lora.bnb.Linear4bit`. Sets the model's `is_loaded_in_4bit`, which PEFT reads."""
+    import bitsandbytes as bnb
+
+    names = set(target_names)
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear) and child_name in names:
+                setattr(parent, child_name, _linear_4bit(bnb, child, compute_dtype))
+    model.is_loaded_in_4bit = True
+    return model
+
+
+def _linear_4bit(bnb, linear, compute_dtype):
+    device = linear.weight.device
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(linear.weight.data.detach().cpu().clone(), requires_grad=False,
+                                     quant_type="nf4", compress_statistics=True)
+    if linear.bias is not None:
+        layer.bias = torch.nn.Parameter(linear.bias.data.clone().to(compute_dtype), requires_grad=False)
+    layer = layer.to(device)
+    with torch.no_grad():   # the CPU backend quantizes on first use
+        layer(torch.zeros(1, linear.in_features, dtype=compute_dtype, device=device))
+    return layer
