@@ -271,6 +271,8 @@ def model_case(args, device, dtype, extra_options, on_step):
     if args.dora:
         notes += report.dora_verdicts(rows, tokens=batch * seq_len, out_features=models.lora_out_features(peft_model),
                                       element_size=torch.empty((), dtype=dtype).element_size())
+    if args.bits4:
+        notes += report.qlora_verdicts(rows, tokens=batch * seq_len, adapters=models.lora_adapter_ranks(peft_model))
     case = report.Case(title, settings, rows, notes)
     map_points = {shape: [(batch * seq_len, args.lora_r)] for shape in settings["lora_shapes"]}
     del impls, peft_model, frozen, base
@@ -331,6 +333,10 @@ def layer_case(shape, args, device, dtype, extra_options, on_step):
 
         notes += report.dora_verdicts(rows, tokens=shape.tokens, out_features=lora_out_features(peft_model),
                                       element_size=torch.empty((), dtype=dtype).element_size())
+    if args.bits4:
+        from lora_rewrite.bench.models import lora_adapter_ranks
+
+        notes += report.qlora_verdicts(rows, tokens=shape.tokens, adapters=lora_adapter_ranks(peft_model))
     case = report.Case(f"{shape.label} {args.dtype}", settings, rows, notes)
     del impls, peft_model, frozen, lora_loss, frozen_loss, twin_loss
     compat.reset_dynamo()

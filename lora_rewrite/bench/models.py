@@ -248,6 +248,20 @@ def lora_out_features(peft_model) -> list[int]:
     return [m.out_features for m in peft_model.modules() if isinstance(m, LoraLinear)]
 
 
+def lora_adapter_ranks(peft_model) -> list[tuple[int, int]]:
+    """(r, element size of X·Aᵀ) of every adapted layer's active adapter, in model order — plain and
+    quantized bases alike (PEFT's bnb layers are LoraLayers, not lora.Linear)."""
+    from peft.tuners.lora import LoraLayer
+
+    sites = []
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.active_adapters:
+                if name in module.lora_A:
+                    sites.append((module.r[name], module.lora_A[name].weight.element_size()))
+    return sites
+
+
 def quantize_4bit(model, target_names, compute_dtype: torch.dtype):
     """Replace every nn.Linear named in `target_names` by bitsandbytes' 4-bit layer (nf4, double
     quantisation) holding its weight, quantized now (random weights, no download): the QLoRA base PEFT

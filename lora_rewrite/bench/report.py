@@ -233,3 +233,27 @@ def dora_verdicts(rows: Sequence[Row], *, tokens: int, out_features: Sequence[in
                      f"LoRA {lora_saved.saved_for_backward_mb:.1f} MB + one [N,o] per site, {len(out_features)} "
                      f"sites) -> {verdict}")
     return lines
+
+
+def qlora_verdicts(rows: Sequence[Row], *, tokens: int, adapters: Sequence[tuple[int, int]]) -> list[str]:
+    """The QLoRA targets, read off one case's rows: runlora never slower than stock Inductor beyond the
+    A/A noise (inductor-again against inductor); bytes saved for backward at most stock Inductor's minus
+    one [N,r] (X·Aᵀ, never saved by runlora) per site. `adapters` is (r, element size of X·Aᵀ) per site."""
+    by_name = {r.implementation: r for r in rows}
+    inductor, again = by_name.get("inductor"), by_name.get("inductor-again")
+    runlora = next((r for r in rows if r.implementation.startswith("runlora")), None)
+    if runlora is None or inductor is None:
+        return []
+    slower = runlora.median_ms / inductor.median_ms - 1
+    lines = [f"QLoRA: {runlora.implementation} vs stock Inductor {slower * 100:+.1f} %"]
+    if again is not None:
+        noise = abs(again.median_ms / inductor.median_ms - 1)
+        verdict = "met" if slower <= noise else "MISSED"
+        lines[0] += f", A/A noise {noise * 100:.1f} % -> never slower beyond it: {verdict}"
+    if inductor.saved_for_backward_mb is not None and runlora.saved_for_backward_mb is not None:
+        bound = inductor.saved_for_backward_mb - tokens * sum(r * size for r, size in adapters) / MB
+        verdict = "met" if runlora.saved_for_backward_mb <= bound + 1e-6 else "MISSED"
+        lines.append(f"  saved for backward {runlora.saved_for_backward_mb:.1f} MB: limit {bound:.1f} MB (stock "
+                     f"Inductor {inductor.saved_for_backward_mb:.1f} MB − one [N,r] per site, {len(adapters)} "
+                     f"sites) -> {verdict}")
+    return lines

@@ -157,6 +157,34 @@ def test_dora_verdicts_read_the_targets_off_the_rows():
     assert "limit 6.0 MB" in lines[4] and lines[4].endswith("-> MISSED")
 
 
+def test_qlora_verdicts_read_the_targets_off_the_rows():
+    """runlora against stock Inductor beyond the A/A noise; bytes against stock Inductor's minus one
+    [N,r] per site."""
+    def lines_for(runlora_ms, runlora_mb):
+        rows = report.build_rows([_measurement("inductor", 100, 9), _measurement("inductor-again", 102, 9),
+                                  _measurement("runlora-flops", runlora_ms, runlora_mb),
+                                  _measurement("frozen", 90, 2)], cuda=False)
+        # two sites, r = 64 in fp32 at N = 2048: 2 · 2048 · 64 · 4 bytes = 1 MB below stock Inductor's 9 MB
+        return report.qlora_verdicts(rows, tokens=2048, adapters=[(64, 4), (64, 4)])
+
+    within_noise = lines_for(101.5, 8)
+    assert within_noise[0].startswith("QLoRA: runlora-flops vs stock Inductor +1.5 %, A/A noise 2.0 %")
+    assert within_noise[0].endswith("met") and "limit 8.0 MB" in within_noise[1]
+    assert within_noise[1].endswith("-> met")
+    beyond = lines_for(103, 8.5)
+    assert beyond[0].endswith("MISSED") and beyond[1].endswith("-> MISSED")
+
+
+def test_lora_adapter_ranks_count_4bit_sites_too():
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = models.quantize_4bit(layer.LinearStack(64, 64, 2, False), ["proj"], torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["proj"]))
+    assert models.lora_adapter_ranks(model) == [(4, 4), (4, 4)]
+
+
 def test_dora_graph_breaks_restores_peft_s_function_and_breaks_only_inside():
     """The benchmark's `inductor-breaks` row: PEFT's own dequantize_module_weight under another identity,
     so Dynamo breaks the graph in each DoRA layer as without lora_rewrite; PEFT's function is back after."""
