@@ -48,7 +48,8 @@ PAGES = [README] + sorted(DOCS.glob("*.md"))
 BENCHMARKS = DOCS / "BENCHMARKS.md"
 
 # Commands that run in a few seconds, so the test runs them as written.
-CHEAP_SCRIPTS = ("scripts/overhead_table.py", "scripts/dora_table.py", "scripts/model_flop_share.py")
+CHEAP_SCRIPTS = ("scripts/overhead_table.py", "scripts/dora_table.py", "scripts/qlora_table.py",
+                 "scripts/model_flop_share.py")
 # Programs a documented command may call besides ours; they are not checked further.
 PLAIN_PROGRAMS = {"cd", "mktemp", "pip"}
 PYTHONS = {".venv/bin/python", "python", "python3"}
@@ -384,7 +385,7 @@ def standing_rows(machine: str = "") -> list[dict[str, str]]:
 
 def test_the_current_standing_is_what_overhead_table_prints_from_the_raw_results():
     printed = [row for line, out in cheap_outputs().items()
-               if "overhead_table.py" in line or "dora_table.py" in line
+               if any(script in line for script in ("overhead_table.py", "dora_table.py", "qlora_table.py"))
                for table in tables(out) for row in table]
     assert printed, "no overhead_table command in the docs"
     for row in standing_rows():

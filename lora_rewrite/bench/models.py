@@ -171,9 +171,11 @@ def lora_layer_shapes(peft_model) -> list[tuple[int, int]]:
 
 
 def count_lora_sites(peft_model) -> int:
-    from peft.tuners.lora import Linear as LoraLinear
+    """The adapted linears: PEFT's lora.Linear and its bitsandbytes layers (LoraLayers, not lora.Linear)."""
+    from peft.tuners.lora import LoraLayer
 
-    return sum(isinstance(m, LoraLinear) for m in peft_model.modules())
+    return sum(isinstance(m, LoraLayer) and hasattr(m.get_base_layer(), "in_features")
+               for m in peft_model.modules())
 
 
 @dataclass

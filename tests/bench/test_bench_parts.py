@@ -183,6 +183,7 @@ def test_lora_adapter_ranks_count_4bit_sites_too():
     base = models.quantize_4bit(layer.LinearStack(64, 64, 2, False), ["proj"], torch.float32)
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["proj"]))
     assert models.lora_adapter_ranks(model) == [(4, 4), (4, 4)]
+    assert models.count_lora_sites(model) == 2
 
 
 def test_dora_graph_breaks_restores_peft_s_function_and_breaks_only_inside():

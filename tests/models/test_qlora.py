@@ -123,6 +123,9 @@ def test_a_4bit_llama_has_every_lora_site_rewritten_forward_and_backward():
     assert rel_err(loss_ref, loss) <= 2e-5 and max_rel_err(grads_ref, grads) <= 2e-5
     assert len(sites(reports)) == 14 and not [k for r in reports for k in r.skipped]
     assert all(s.backward is not None and s.forward == "forward1" for s in sites(reports))
+    # the siblings' adapter products share X on a 4-bit base as on a plain one: q/k/v and gate/up fused
+    fused = {tuple(sorted(m.rsplit(".", 1)[-1] for m in f.modules)) for r in reports for f in r.fused}
+    assert {("k_proj", "q_proj", "v_proj"), ("gate_proj", "up_proj")} <= fused, fused
 
 
 def test_thirty_adamw_steps_train_like_eager_qlora():
@@ -155,6 +158,26 @@ def test_the_qlora_recipe_bf16_compute_with_fp32_adapters():
         loss, grads = loss_and_grads(runlora(compiled_model), compiled_model, batch())
     assert rel_err(loss_ref, loss) <= 1e-2 and max_rel_err(grads_ref, grads) <= 5e-2
     assert len(sites(reports)) == 7 and all(s.backward is not None for s in sites(reports))
+
+
+def test_the_qlora_recipe_with_its_gradient_checkpointing():
+    """prepare_model_for_kbit_training as users call it (gradient checkpointing on): the graph breaks are
+    transformers' and PEFT's own (the input-gradient hook, a logging call), the same for stock Inductor;
+    the decoder layer's graph has every site rewritten, forward and backward, and the step is eager's."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = quantize_linears(base_model("llama", layers=1), LLAMA_MODULES, torch.bfloat16)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_MODULES))
+    randomize_adapters(model, std=0.1)
+    assert model.base_model.model.is_gradient_checkpointing
+    eager_model, compiled_model = twins(model)
+    loss_ref, grads_ref = loss_and_grads(eager_model, eager_model, batch())
+    with debug.collect_reports() as reports:
+        loss, grads = loss_and_grads(runlora(compiled_model), compiled_model, batch())
+    assert rel_err(loss_ref, loss) <= 1e-2 and max_rel_err(grads_ref, grads) <= 5e-2
+    assert len(sites(reports)) == 7 and all(s.backward is not None for s in sites(reports))
+    assert not [k for r in reports for k in r.skipped]
 
 
 def test_several_adapters_disable_adapter_and_inference():
