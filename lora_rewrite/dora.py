@@ -49,6 +49,8 @@ class DoraForwardOperands:
     norm_weight: W as PEFT's norm reads it, [o,i] in the norm's dtype (`norm_dtype`); its squares are
     summed in `norm_reduce_dtype` (fp32 for a 16-bit norm, as the decomposition does).
     w_io, bias: the base layer's Wᵀ [i,o] and bias (or None).
+    base_x: the base product's input: x itself, or (PEFT's fp32 adapters on a 16-bit model) the 16-bit X
+    that x is the upcast of — the base product stays in the base's dtype, as the model computes it.
     base_full: the model's base result X·Wᵀ + b as [N,o] (with dropout: Y adds onto it).
     dropout_product: with dropout, the model's X̃·Wᵀ [N,o] (P accumulates onto it); None without.
     norm_out_dtype: the dtype PEFT's norm is cast to (`.to(weight.dtype)`).
@@ -68,6 +70,7 @@ class DoraForwardOperands:
     base_full: Any = None
     dropout_product: Any = None
     trains: bool = False   # the graph has the site's backward: dm will need P
+    base_x: Any = None
 
 
 @dataclass(frozen=True)
@@ -150,8 +153,8 @@ def dora_forward1(ops, p: DoraForwardOperands) -> DoraForwardResult:
     Y = (X·Wᵀ + b) + mns ⊙ P − X̃·Wᵀ. P is kept for dm."""
     norm, mns, _ = magnitude_scale(ops, p)
     o = ops.size(p.b, 0)
-    if p.dropout_product is None:
-        base = ops.mm(p.x, p.w_io)           # X·Wᵀ without the bias
+    if p.dropout_product is None:            # X·Wᵀ without the bias, in the base's dtype, then the adapter's
+        base = ops.cast(ops.mm(p.x if p.base_x is None else p.base_x, p.w_io), ops.dtype_of(p.x))
     else:
         base = p.dropout_product             # the model's X̃·Wᵀ
     lora = FORWARD1.compute(ops, ForwardOperands(x=p.x, a=p.a, b=p.b, s=p.s, base=base))

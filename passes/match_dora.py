@@ -26,7 +26,7 @@ from torch.fx import Node
 
 from lora_rewrite.variants import Dims, SiteFacts
 from lora_rewrite.passes import poly
-from lora_rewrite.passes.fx import (ADDMM, CASTS, MM, MUL, VIEWS, dtype, is_call, is_matrix, is_weight, prims,
+from lora_rewrite.passes.fx import (ADDMM, CASTS, MM, MUL, VIEWS, WEIGHT_OPS, dtype, is_call, is_matrix, is_weight, prims,
                                     same_rows, same_shape, same_size, same_value, shape, strip_layout,
                                     transpose_source)
 from lora_rewrite.passes.provenance import provenance_of
@@ -71,10 +71,8 @@ def match_dora_site(anchor: Node, backward: set[Node]) -> Site:
     mns, scale, linear, bias, dropout_product = terms
     magnitude, norm = mns.args
     norm_weight, (norm_reduce_dtype, norm_out_dtype), norm_nodes = _match_norm(norm, linear, a, b, scale, o, i)
-    if dtype(xab) != dtype(out) or dtype(linear.node) != dtype(out) or dtype(mns) != dtype(out):
-        raise NoMatch(f"DoRA: the sum mixes dtypes (adapter {dtype(xab)}, base {dtype(linear.node)}, "
-                      f"magnitude {dtype(mns)}): only a sum in one dtype is rewritten")
-    if dropout_product is None and not same_rows(linear.x, x):
+    upcast_base = _check_dtypes(xab, linear, mns, out, dropout_product)
+    if dropout_product is None and not (same_rows(linear.x, x) or upcast_base and _is_upcast_of(x, linear.x)):
         raise NoMatch("DoRA: the adapter's input is not provably the base's input")
     if dropout_product is not None and not same_rows(dropout_product.args[0], x):
         raise NoMatch("DoRA: the second base product does not read the adapter's input")
@@ -99,15 +97,19 @@ def match_dora_site(anchor: Node, backward: set[Node]) -> Site:
             scale_of_base = _base_output_gradient(mns, minus_one=dropout_product is not None)
             dx_sum = input_grad_sum(gradients.grad_x_lora, _as_linear(gradient_product, linear),
                                     lambda gb: scale_of_base(gb, gradients.dy), o)
-            if dx_sum is None:
+            if dx_sum is None and not upcast_base:
                 raise NoMatch("DoRA: the base's input gradient was not found in the same sum as the adapter's")
+            # With the base in a narrower dtype than the adapter, autograd sums its (mns ⊙ dY)·W, in the
+            # base's dtype, with the adapter's dX_a across a cast: only dX_a is replaced (DxMode.LORA).
             gradients = _with_dx_sum(gradients, dx_sum)
         grad_m = _magnitude_gradient(norm, backward)
         if grad_m is None and _needs_gradient(magnitude):
             raise NoMatch("DoRA: the magnitude's gradient (a division by the norm) was not found")
     dora = DoraChain(magnitude=magnitude, mns=mns, norm=norm, norm_weight=norm_weight,
                      norm_reduce_dtype=norm_reduce_dtype, norm_out_dtype=norm_out_dtype,
-                     dropout_product=dropout_product, grad_m=grad_m, nodes=tuple(norm_nodes))
+                     dropout_product=dropout_product,
+                     dropout_weight_io=_linear_of(dropout_product, None).w_io if dropout_product is not None else None,
+                     grad_m=grad_m, nodes=tuple(norm_nodes))
     needs_dx = gradients is not None and gradients.grad_x_lora is not None
     facts = SiteFacts(
         plain_linear_base=True, adapter_dtype=dtype(xab), base_dtype=dtype(linear.node),
@@ -116,6 +118,31 @@ def match_dora_site(anchor: Node, backward: set[Node]) -> Site:
         dx_sum_found=gradients is not None and gradients.dx_sum is not None, dora=True, trains=bool(backward))
     return Site(anchor=anchor, provenance=provenance_of(anchor), forward=forward, backward=gradients,
                 backward_note="", dims=Dims(n, i, o, r, needs_dx=needs_dx), facts=facts, dora=dora)
+
+
+def _check_dtypes(xab: Node, linear: LinearBase, mns: Node, out: Node, dropout_product: Node | None) -> bool:
+    """Is the base result upcast into the sum (True), or is the sum in one dtype (False)? PEFT's default
+    on a 16-bit model keeps the adapters and m in fp32: X is cast up for the adapter, the 16-bit base
+    result enters the fp32 sum, and W is cast up for the norm (and for the second product, with dropout)."""
+    adapter = dtype(xab)
+    if dtype(mns) != adapter or dtype(out) != adapter:
+        raise NoMatch(f"DoRA: the sum mixes dtypes (adapter {adapter}, magnitude {dtype(mns)}, sum "
+                      f"{dtype(out)}): only a sum in the adapter's dtype is rewritten")
+    base = dtype(linear.node)
+    if base == adapter:
+        return False
+    if not (adapter == torch.float32 and base in (torch.float16, torch.bfloat16)):
+        raise NoMatch(f"DoRA: the base computes in {base}, the adapter in {adapter}: only a 16-bit base "
+                      "upcast into an fp32 adapter's sum is rewritten")
+    if dropout_product is not None and dtype(dropout_product) != adapter:
+        raise NoMatch("DoRA: the second base product is not in the adapter's dtype")
+    return True
+
+
+def _is_upcast_of(x: Node, base_x: Node) -> bool:
+    """X [N,i] is the base's input, cast to the adapter's dtype (through views of the same rows)."""
+    source = strip_layout(x)
+    return is_call(source, *CASTS) and dtype(source.args[0]) == dtype(base_x) and same_rows(source.args[0], base_x)
 
 
 # --- the forward sum -------------------------------------------------------------------------------------
@@ -205,9 +232,20 @@ def _read_sum(p: poly.Poly, xab: Node):
         return "the base result is not the base product plus its bias"
     linear = _linear_of(base_node, base_bias)
     second = _linear_of(product_node, None)
-    if linear is None or second is None or not same_value(strip_layout(second.w_io), strip_layout(linear.w_io)):
+    if linear is None or second is None or _weight_read(second.w_io) != _weight_read(linear.w_io):
         return "the second product does not read the base's weight"
     return mns, scale, linear, base_bias, product_node
+
+
+def _weight_read(w_io: Any) -> tuple:
+    """How a product reads its weight, casts left out: the ops from the parameter (its node last), so
+    that W·, and W cast to fp32 for PEFT's second product under fp32 adapters, read alike."""
+    ops = []
+    while is_call(w_io, *WEIGHT_OPS):
+        if not is_call(w_io, *CASTS):
+            ops.append((w_io.target, tuple(a for a in w_io.args[1:] if not isinstance(a, Node))))
+        w_io = w_io.args[0]
+    return tuple(ops) + (w_io,)
 
 
 def _product_parts(atom: Any) -> tuple[Node | None, Node | None]:

@@ -5,7 +5,10 @@ What is replaced, besides what a LoRA site replaces (passes/rewrite.py):
     out  ← the DoRA forward's Y (the old sum, the eye-built norm and its [i,i] identity lose their users)
     dm   ← Σₙ dY ⊙ P / ‖W′‖
     dX   ← as LoRA's DxMode.TOTAL: without dropout the base's (mns ⊙ dY)·W summand becomes the whole dX;
-           with dropout the second base product's ((mns − 1) ⊙ dY)·W summand becomes X̃'s whole part
+           with dropout the second base product's ((mns − 1) ⊙ dY)·W summand becomes X̃'s whole part.
+           With a 16-bit base under fp32 adapters (PEFT's default), DxMode.LORA: only the adapter's dX_a
+           is replaced, and the base's 16-bit (mns ⊙ dY)·W stays as the model computes it
+    mns  ← the new m / ‖W′‖ (what that remaining base gradient reads)
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from lora_rewrite.passes.site import Site
 def build_dora(ops: GraphOps, site: Site, forward: Variant, backward: Variant | None):
     """(forward result, backward result or None, {old node: new node}) for one DoRA site."""
     forward_result, y = _build_forward(ops, site, forward)
-    replacements = {site.forward.out: y}
+    # mns too: with DxMode.LORA the base's own input gradient, (mns ⊙ dY)·W, stays and reads it
+    replacements = {site.forward.out: y, site.dora.mns: forward_result.mns}
     backward_result = None
     if backward is not None:
         backward_result, backward_replacements = _build_backward(ops, site, backward, forward_result)
@@ -41,7 +45,8 @@ def _build_forward(ops: GraphOps, site: Site, variant: Variant) -> tuple:
             x=chain.x, a=chain.a, b=chain.b, s=chain.scale, m=dora.magnitude, norm_weight=dora.norm_weight,
             norm_dtype=dtype(dora.norm_weight), norm_out_dtype=dora.norm_out_dtype,
             norm_reduce_dtype=dora.norm_reduce_dtype, w_io=lin.w_io,
-            bias=lin.bias, base_full=base_full, dropout_product=dora.dropout_product, trains=site.backward is not None)
+            bias=lin.bias, base_full=base_full, dropout_product=dora.dropout_product, trains=site.backward is not None,
+            base_x=lin.x if site.facts.base_dtype != site.facts.adapter_dtype else None)
         result = variant.compute(ops, operands)
         y = result.y
         if chain.out_shape_args is not None:
@@ -54,7 +59,9 @@ def _build_backward(ops: GraphOps, site: Site, variant: Variant, forward) -> tup
     chain, grads, dora = site.forward, site.backward, site.dora
     mode = grads.dx_mode
     with ops.like(first_gradient(ops, site)):
-        w_io = chain.linear.w_io if mode is DxMode.TOTAL else None
+        w_io = None
+        if mode is DxMode.TOTAL:
+            w_io = chain.linear.w_io if dora.dropout_product is None else dora.dropout_weight_io
         operands = DoraBackwardOperands(
             dy=output_gradient_2d(ops, site), x=chain.x, a=chain.a, b=chain.b, s=chain.scale, norm=forward.norm,
             mns=forward.mns, p=forward.p, p_scale=forward.p_scale, w_io=w_io, dx=mode, dx_in_rows=dx_in_rows(site),

@@ -121,6 +121,7 @@ class DoraChain:
     norm_reduce_dtype: torch.dtype  # the dtype the squares are summed in (fp32 for a 16-bit weight)
     norm_out_dtype: torch.dtype  # the dtype the norm is cast to (PEFT's `.to(weight.dtype)`)
     dropout_product: Node | None  # with dropout: the model's second base product X̃·Wᵀ [N,o]
+    dropout_weight_io: Node | None  # that product's Wᵀ [i,o] (W cast to the adapter's dtype where it is wider)
     grad_m: Node | None          # dm as autograd computes it (None: m needs no gradient, or inference)
     nodes: tuple[Node, ...]      # the old nodes of the norm and the sum
 

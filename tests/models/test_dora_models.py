@@ -169,10 +169,86 @@ def test_bf16_adapters_are_as_close_to_float64_as_eager():
         assert rel_err(ref, ours) <= 1.5 * rel_err(ref, eager) + 4 * eps, what
 
 
-def test_fp32_adapters_on_a_bf16_base_are_left_untouched_with_the_reason():
-    """PEFT's default on a 16-bit model keeps DoRA's adapters and magnitude in fp32: the sum mixes dtypes,
-    which the DoRA rewrite does not cover yet. Left untouched, and the step still equals eager."""
-    model = dora_model("llama", layers=1, dtype=torch.bfloat16)
+def mixed_dora_linear(bias=True, dropout=0.0, i=20, o=28, r=4):
+    """PEFT's default on a bf16 model (autocast_adapter_dtype): A, B and m in fp32 on a bf16 base."""
+    from helpers import OneLinear, randomize_adapters
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = OneLinear(i, o, bias).to(torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=3.0 * r, target_modules=["proj"], use_dora=True,
+                                            lora_dropout=dropout))
+    randomize_adapters(model)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    return model
+
+
+MIXED = [(b, bias, dropout) for b in ("backward1", "backward2", "backward3") for bias in (True, False)
+         for dropout in (0.0, 0.25)]
+
+
+@pytest.mark.parametrize("backward,bias,dropout", MIXED,
+                         ids=[f"{b}-{'bias' if bias else 'no-bias'}-{'dropout' if d else 'no-dropout'}"
+                              for b, bias, d in MIXED])
+def test_fp32_adapters_on_a_bf16_base_are_as_close_to_float64_as_eager(backward, bias, dropout):
+    """X is cast up for the adapter and the bf16 base result enters the fp32 sum: rewritten with the
+    factored forward (merging would round the fp32 adapter into the bf16 weight), the base's own bf16
+    input gradient kept as the model computes it. Y, dX, dA, dB, dm (and the bias) as close to float64 as
+    eager PEFT's; with dropout, the same masks (fallback_random) as eager and the float64 run."""
+    model = mixed_dora_linear(bias=bias, dropout=dropout)
+    if bias:
+        model.base_model.model.proj.base_layer.bias.requires_grad_(True)
+    x = torch.randn(3, 7, 20, dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn(3, 7, 28, dtype=torch.bfloat16)
+    torch.manual_seed(5)
+    y64, dx64, g64 = float64_reference(model, x, grad_out)
+    torch.manual_seed(5)
+    y_eager, dx_eager, g_eager = step(model, x, grad_out)
+    assert rel_err(y64, y_eager) <= 1e-2   # the float64 run dropped the same entries
+    with debug.collect_reports() as reports:
+        compiled = runlora(model, backward=backward, fallback_random=True)
+        torch.manual_seed(5)
+        y, dx, grads = step(compiled, x, grad_out)
+    (site,) = sites(reports)
+    assert (site.forward, site.backward, site.dtype) == ("dora-forward1", f"dora-{backward}", "float32")
+    assert site.dropout == bool(dropout)
+    eps = torch.finfo(torch.bfloat16).eps
+    assert g64.keys() == grads.keys() and any("lora_magnitude_vector" in n for n in grads)
+    for what, ref, eager, ours in [("Y", y64, y_eager, y), ("dX", dx64, dx_eager, dx)] + \
+            [(n, g64[n], g_eager[n], grads[n]) for n in g64]:
+        assert ours.dtype == eager.dtype, what
+        assert rel_err(ref, ours) <= 1.5 * rel_err(ref, eager) + 4 * eps, what
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "bert"])
+def test_fp32_adapters_on_bf16_families_are_rewritten_and_as_close_to_float64_as_eager(family):
+    """PEFT's default on a bf16 model, on the families: every DoRA linear rewritten (the factored forward),
+    the loss and every gradient (A, B, m) as close to the float64 model's as eager PEFT's."""
+    model = dora_model(family, dtype=torch.bfloat16)
+    assert {p.dtype for p in trainable(model).values()} == {torch.float32}
+    eager_model, compiled_model = twins(model)
+    (model64,) = twins(model, 1)
+    model64 = model64.double()
+    loss64, grads64 = loss_and_grads(model64, model64, batch())
+    loss_ref, grads_ref = loss_and_grads(eager_model, eager_model, batch())
+    with debug.collect_reports() as reports:
+        loss, grads = loss_and_grads(runlora(compiled_model), compiled_model, batch())
+    assert_all_rewritten(reports, model)
+    assert {(s.forward, s.dtype) for s in sites(reports)} == {("dora-forward1", "float32")}
+    eps = torch.finfo(torch.bfloat16).eps
+    assert rel_err(loss64, loss) <= 1.5 * rel_err(loss64, loss_ref) + eps
+    assert grads.keys() == grads_ref.keys() == grads64.keys()
+    for name in grads64:
+        assert rel_err(grads64[name], grads[name]) <= 1.5 * rel_err(grads64[name], grads_ref[name]) + 4 * eps, name
+
+
+def test_a_sum_in_other_dtypes_is_left_untouched_with_the_reason():
+    """bf16 adapters with an fp32 magnitude (not what PEFT builds): the magnitude's scale is in another
+    dtype than the adapter's term. Left untouched, and the step still equals eager."""
+    model = dora_model("llama", layers=1, dtype=torch.bfloat16, autocast_adapter_dtype=False)
+    for name, p in model.named_parameters():
+        if "lora_magnitude_vector" in name:
+            p.data = p.data.float()
     eager_model, compiled_model = twins(model)
     with debug.collect_reports() as reports:
         loss_ref, _ = loss_and_grads(eager_model, eager_model, batch())
@@ -182,25 +258,27 @@ def test_fp32_adapters_on_a_bf16_base_are_left_untouched_with_the_reason():
     assert all("mixes dtypes" in s.reason for s in skipped(reports))
 
 
-def test_saved_for_backward_is_at_most_plain_lora_s_plus_one_n_by_o():
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-base-fp32-adapters"])
+def test_saved_for_backward_is_at_most_plain_lora_s_plus_one_n_by_o(base_dtype):
     """Bytes autograd saves on a DoRA layer: at most stock Inductor's on plain LoRA of the same shapes plus
-    P, one [N,o] per site; stock Inductor on DoRA saves more than that."""
+    P, one [N,o] per site in the adapter's dtype (fp32 under PEFT's default on a bf16 model); stock
+    Inductor on DoRA saves more than that."""
     from helpers import OneLinear
     from peft import LoraConfig, get_peft_model
 
     n_lead, i, o, r = (8, 16), 48, 64, 4
-    x = torch.randn(*n_lead, i)
+    x = torch.randn(*n_lead, i, dtype=base_dtype)
 
     def saved(use_dora, backend):
         torch._dynamo.reset()
         torch.manual_seed(0)
-        model = get_peft_model(OneLinear(i, o, bias=False), LoraConfig(r=r, lora_alpha=8, target_modules=["proj"],
-                                                                       use_dora=use_dora))
+        model = get_peft_model(OneLinear(i, o, bias=False).to(base_dtype),
+                               LoraConfig(r=r, lora_alpha=8, target_modules=["proj"], use_dora=use_dora))
         compiled = runlora(model) if backend == "runlora" else stock(model)
         return activation_bytes_saved_for_backward(model, lambda: compiled(x.clone().requires_grad_()))
 
     n = n_lead[0] * n_lead[1]
-    bound = saved(False, "stock") + n * o * x.element_size()
+    bound = saved(False, "stock") + n * o * torch.finfo(torch.float32).bits // 8
     assert saved(True, "runlora") <= bound < saved(True, "stock")
 
 
