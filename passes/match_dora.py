@@ -26,8 +26,8 @@ from torch.fx import Node
 
 from lora_rewrite.variants import Dims, SiteFacts
 from lora_rewrite.passes import poly
-from lora_rewrite.passes.fx import (ADDMM, CASTS, MM, MUL, VIEWS, WEIGHT_OPS, dtype, is_call, is_matrix, is_weight, prims,
-                                    same_rows, same_shape, same_size, same_value, shape, strip_layout,
+from lora_rewrite.passes.fx import (ADDMM, CASTS, MM, MUL, VIEWS, WEIGHT_OPS, dtype, is_call, is_matrix, is_weight,
+                                    prims, same_rows, same_shape, same_size, same_value, shape, strip_layout,
                                     transpose_source)
 from lora_rewrite.passes.provenance import provenance_of
 from lora_rewrite.passes.site import DoraChain, ForwardChain, Gradients, LinearBase, NoMatch, Site
