@@ -33,10 +33,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from lora_rewrite.forms import is_number
 from lora_rewrite.variants import (BACKWARDS, FORWARD1, FORWARD2, BackwardOperands, Dims, DxMode, ForwardOperands,
                                    Gemm, SiteFacts, Variant, always_legal, merged_weight_backward_guard,
                                    merged_weight_forward_guard)
+
+
+FP32 = torch.float32
 
 
 # --- operands and results --------------------------------------------------------------------------
@@ -212,6 +217,26 @@ DORA_FORWARD2 = Variant("dora-forward2", "DoRA merged: X·(mns ⊙ (W + s·B·A)
 
 # --- backward ---------------------------------------------------------------------------------------
 
+TOKEN_BLOCK_ROWS = (32, 16, 8)   # rows per block of token_sum on a CPU, the first that divides N
+
+
+def token_sum(ops, e):
+    """Σₙ e [N,o] → [o], in row blocks on a CPU: Σ_blocks (Σ_rows in block e), accumulated in fp32.
+
+    Inductor's CPU kernel for the plain column sum walks each 16-column strip down all N rows, one
+    cache line from each row's page: a TLB miss per load. Summing blocks of 32 rows first keeps 32 pages
+    in use per strip, and the second sum walks only the [N/32, o] partial sums: about half the time at
+    every shape measured (scripts/bench_token_sum.py; BENCHMARKS.md, "DoRA's dm reduction"). A GPU's
+    column reduction, or a symbolic N (no view without a divisibility guard), keeps the plain sum."""
+    n, o = ops.size(e, 0), ops.size(e, 1)
+    rows = next((r for r in TOKEN_BLOCK_ROWS if isinstance(n, int) and n % r == 0 and n > r), None)
+    if ops.device_type(e) != "cpu" or rows is None:
+        return ops.sum_dim(e, 0)
+    wide = ops.cast(e, FP32) if ops.is_half(e) else e   # the partial sums rounded once, at the end
+    blocks = ops.sum_dim(ops.reshape(wide, [n // rows, rows, o]), 1)
+    return ops.cast(ops.sum_dim(blocks, 0), ops.dtype_of(e))
+
+
 def _dora_backward_compute(lora: Variant):
     def compute(ops, p: DoraBackwardOperands) -> DoraBackwardResult:
         o = ops.size(p.b, 0)
@@ -225,7 +250,7 @@ def _dora_backward_compute(lora: Variant):
                                                     dx=p.dx, dx_in_rows=p.dx_in_rows))
         grad_b = ops.mul(result.grad_b, ops.cast(column, ops.dtype_of(result.grad_b)))   # mns ⊙ dB
         norm = p.norm if p.p_scale is None else ops.mul(p.norm, p.p_scale)    # p = P ⊙ k: divide k out
-        grad_m = ops.div(ops.sum_dim(ops.mul(p.dy, p.p), 0), norm)                        # Σₙ dY ⊙ P / ‖W′‖
+        grad_m = ops.div(token_sum(ops, ops.mul(p.dy, p.p)), norm)                        # Σₙ dY ⊙ P / ‖W′‖
         return DoraBackwardResult(result.grad_a, grad_b, result.grad_x, grad_m, z1=result.z1, xa=result.xa)
 
     return compute

@@ -248,6 +248,9 @@ class EagerOps(FixedForms):
     def view(self, a, shape_args):
         return aten.view.default(a, shape_args)
 
+    def reshape(self, a, shape_args):
+        return aten.reshape.default(a, shape_args)
+
     def cast(self, a, to_dtype):
         return a if a.dtype == to_dtype else aten._to_copy.default(a, dtype=to_dtype)
 
@@ -273,6 +276,9 @@ class EagerOps(FixedForms):
 
     def size(self, a, dim):
         return a.shape[dim]
+
+    def device_type(self, a):
+        return a.device.type
 
     def is_half(self, a):
         return a.dtype in HALF_DTYPES

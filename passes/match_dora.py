@@ -378,7 +378,7 @@ def _scaled_output_gradient(mns: Node, scale: Any) -> Callable[[Node], Node | No
         found_tensor_scale = isinstance(scale, (int, float))
         for _ in range(8):
             if found_mns and found_tensor_scale and abs(factor - _number_part(scale)) <= 1e-12 * abs(factor):
-                return node if isinstance(node, Node) else None
+                return _without_unit_factors(node) if isinstance(node, Node) else None
             node = poly.atom(node)
             if not (is_call(node, MUL) and len(node.args) == 2 and not node.kwargs):
                 return None
@@ -399,6 +399,25 @@ def _scaled_output_gradient(mns: Node, scale: Any) -> Callable[[Node], Node | No
         return None
 
     return dy_of
+
+
+def _without_unit_factors(node: Node) -> Node:
+    """node through its multiplications by 1: with s = 1 (lora_alpha = r) autograd still multiplies by
+    1.0, and the factors found match before that product is peeled — the dY the base's gradient reads is
+    the one beneath it (the same values, bit for bit)."""
+    while is_call(node, MUL) and len(node.args) == 2 and not node.kwargs:
+        left, right = node.args
+        if _number(right) and float(right) == 1.0 and isinstance(left, Node):
+            node = left
+        elif _number(left) and float(left) == 1.0 and isinstance(right, Node):
+            node = right
+        else:
+            break
+    return node
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _number_part(scale: Any) -> float:

@@ -208,6 +208,9 @@ class GraphOps(FixedForms):
     def size(self, a, dim):
         return a.meta["val"].shape[dim]
 
+    def device_type(self, a):
+        return a.meta["val"].device.type
+
     def is_half(self, a):
         return dtype(a) in HALF_DTYPES
 

@@ -11,7 +11,7 @@ from lora_rewrite.dora import (DORA_BACKWARDS, DORA_FORWARD1, DORA_FORWARD2, DOR
 from lora_rewrite.forms import ROLES
 from lora_rewrite.variants import Dims, DxMode, EagerOps, SiteFacts
 
-N, I, O, R, S = 12, 10, 14, 3, 1.75
+N, I, O, R, S = 24, 10, 14, 3, 1.75   # N = 3 blocks of 8 rows: dm by the CPU blocked token_sum
 ALL_OTHER_FORMS = {role.name: role.forms[1] for role in ROLES}
 FORMS = {"direct": {}, "other-forms": ALL_OTHER_FORMS}
 
@@ -170,3 +170,32 @@ def test_peft_s_own_products_are_what_the_report_counts_before():
     with FlopCounterMode(display=False) as counter:
         model(x).sum().backward()
     assert counter.get_total_flops() == sum(g.flops() for g in peft_dora_gemms(Dims(N, I, O, R), False, True))
+
+
+@pytest.mark.parametrize("n,blocks", [(96, [3, 32]), (40, [5, 8]), (12, None), (1, None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_token_sum_sums_in_row_blocks_on_a_cpu_accumulating_in_fp32(n, blocks, dtype):
+    """dm's Σₙ (lora_rewrite/dora.py token_sum): in blocks of the first of 32/16/8 rows that divides N,
+    else the plain sum; equal to the float64 sum within one rounding of the result's dtype (a 16-bit
+    e is summed in fp32 and rounded once); and on another device (meta: shapes only) the plain sum."""
+    from lora_rewrite.dora import token_sum
+
+    class Recording(EagerOps):
+        def __init__(self):
+            super().__init__()
+            self.reshapes = []
+
+        def reshape(self, a, shape_args):
+            self.reshapes.append(list(shape_args[:2]))
+            return super().reshape(a, shape_args)
+
+    e = torch.randn(n, 37, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    ops = Recording()
+    total = token_sum(ops, e.to(dtype))
+    assert total.dtype == dtype and total.shape == (37,)
+    assert ops.reshapes == ([blocks] if blocks else [])
+    exact = e.to(dtype).double().sum(0)
+    rounding_once = torch.finfo(dtype).eps / 2 * exact.abs() + 1e-6 * e.to(dtype).double().abs().sum(0)
+    assert bool(((total.double() - exact).abs() <= rounding_once).all())
+    meta = Recording()
+    assert token_sum(meta, torch.empty(96, 37, device="meta")).shape == (37,) and meta.reshapes == []

@@ -98,12 +98,13 @@ def test_no_identity_in_the_compiled_graphs(monkeypatch):
     assert identities(graphs)
 
 
-def one_dora_linear(i=20, o=28, r=4, bias=True, dropout=0.0, dtype=torch.float32):
+def one_dora_linear(i=20, o=28, r=4, bias=True, dropout=0.0, dtype=torch.float32, alpha=None):
     from helpers import OneLinear, randomize_adapters
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model = get_peft_model(OneLinear(i, o, bias), LoraConfig(r=r, lora_alpha=3.0 * r, target_modules=["proj"],
+    alpha = 3.0 * r if alpha is None else alpha
+    model = get_peft_model(OneLinear(i, o, bias), LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"],
                                                              use_dora=True, lora_dropout=dropout))
     randomize_adapters(model)
     return model.to(dtype)
@@ -135,6 +136,27 @@ def test_every_forced_pair_matches_float64(forward, backward, bias, forms):
     for what, ref, ours in [("Y", y64, y), ("dX", dx64, dx)] + [(n, grads64[n], grads[n]) for n in grads64]:
         assert rel_err(ref, ours) <= 2e-6, what
     assert any("lora_magnitude_vector" in n for n in grads) and (not bias or any(n.endswith("bias") for n in grads))
+
+
+@pytest.mark.parametrize("backward,dropout", [("backward1", 0.0), ("backward5", 0.0), ("backward3", 0.25)],
+                         ids=["backward1", "backward5", "backward3-dropout"])
+def test_a_unit_scale_lora_alpha_equal_to_r_is_rewritten(backward, dropout):
+    """s = 1 (lora_alpha = r, a common choice): autograd still multiplies dY by 1.0, and the base's input
+    gradient reads the dY beneath that product; the site is rewritten, not left untouched (it was, until
+    the matcher looked through the unit factor), and equals eager PEFT with the same masks."""
+    model = one_dora_linear(r=4, alpha=4, dropout=dropout)
+    x = torch.randn(3, 7, 20, requires_grad=True)
+    grad_out = torch.randn(3, 7, 28)
+    torch.manual_seed(11)
+    y_ref, dx_ref, g_ref = step(model, x, grad_out)
+    with debug.collect_reports() as reports:
+        compiled = runlora(model, backward=backward, fallback_random=True)
+        torch.manual_seed(11)
+        y, dx, grads = step(compiled, x, grad_out)
+    (site,) = sites(reports)
+    assert site.backward == f"dora-{backward}" and site.dropout == bool(dropout)
+    for what, ref, ours in [("Y", y_ref, y), ("dX", dx_ref, dx)] + [(n, g_ref[n], grads[n]) for n in g_ref]:
+        assert rel_err(ref, ours) <= 2e-6, what
 
 
 @pytest.mark.parametrize("backward", ["backward1", "backward2", "backward3"])
