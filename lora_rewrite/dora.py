@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from lora_rewrite.forms import is_number
+from lora_rewrite.forms import XA, is_number, product
 from lora_rewrite.variants import (BACKWARDS, FORWARD1, FORWARD2, BackwardOperands, Dims, DxMode, ForwardOperands,
                                    Gemm, SiteFacts, Variant, always_legal, merged_weight_backward_guard,
                                    merged_weight_forward_guard)
@@ -57,6 +57,8 @@ class DoraForwardOperands:
     base_x: the base product's input: x itself, or (PEFT's fp32 adapters on a 16-bit model) the 16-bit X
     that x is the upcast of — the base product stays in the base's dtype, as the model computes it.
     base_full: the model's base result X·Wᵀ + b as [N,o] (with dropout: Y adds onto it).
+    sum_dtype: under torch.autocast PEFT's sum is fp32 (an fp32 magnitude times 16-bit products): P is
+    summed from the 16-bit products in it, never rounded to their dtype; None: P in x's dtype.
     dropout_product: with dropout, the model's X̃·Wᵀ [N,o] (P accumulates onto it); None without.
     norm_out_dtype: the dtype PEFT's norm is cast to (`.to(weight.dtype)`).
     """
@@ -76,6 +78,7 @@ class DoraForwardOperands:
     dropout_product: Any = None
     trains: bool = False   # the graph has the site's backward: dm will need P
     base_x: Any = None
+    sum_dtype: Any = None  # torch.autocast: the products in x's dtype, P and Y in this wider one (None: x's)
 
 
 @dataclass(frozen=True)
@@ -162,13 +165,26 @@ def dora_forward1(ops, p: DoraForwardOperands) -> DoraForwardResult:
         base = ops.cast(ops.mm(p.x if p.base_x is None else p.base_x, p.w_io), ops.dtype_of(p.x))
     else:
         base = p.dropout_product             # the model's X̃·Wᵀ
-    lora = FORWARD1.compute(ops, ForwardOperands(x=p.x, a=p.a, b=p.b, s=p.s, base=base))
-    scaled = ops.mul(lora.y, ops.view(mns, [1, o]))
-    if p.dropout_product is None:
-        y = scaled if p.bias is None else ops.add(scaled, p.bias)
+    if p.sum_dtype is None:
+        lora = FORWARD1.compute(ops, ForwardOperands(x=p.x, a=p.a, b=p.b, s=p.s, base=base))
+        summed, xa = lora.y, lora.xa
     else:
-        y = ops.sub(ops.add(p.base_full, scaled), p.dropout_product)
-    return DoraForwardResult(y, norm, mns, p=lora.y, xa=lora.xa)
+        summed, xa = widened_sum(ops, p, base)
+    scaled = ops.mul(summed, ops.view(mns, [1, o]))
+    wide = ops.dtype_of(scaled)
+    if p.dropout_product is None:
+        y = scaled if p.bias is None else ops.add(scaled, ops.cast(p.bias, wide))
+    else:
+        y = ops.sub(ops.add(ops.cast(p.base_full, wide), scaled), ops.cast(p.dropout_product, wide))
+    return DoraForwardResult(y, norm, mns, p=summed, xa=xa)
+
+
+def widened_sum(ops, p: DoraForwardOperands, base):
+    """(P, X·Aᵀ) with P = float(X·Wᵀ) + s·float((X·Aᵀ)·Bᵀ) in p.sum_dtype: each product in x's dtype, as
+    torch.autocast computes it, their sum in the wider dtype, as PEFT's type promotion sums them."""  # forward1's FLOPs
+    xa = ops.recompute(product(ops, XA, p.x, ops.t(p.a)))
+    term = ops.scale(ops.cast(ops.mm(xa, ops.t(p.b)), p.sum_dtype), p.s)
+    return ops.add(ops.cast(base, p.sum_dtype), term), xa
 
 
 def dora_forward1_gemms(d: Dims):  # 2·o·r·i + 2N·(i·o + r·i + o·r)
@@ -202,9 +218,19 @@ def dora_forward2_gemms(d: Dims):  # 2·(o·r·i + N·o·i)
     return FORWARD2.gemms(d)
 
 
+WIDENED_SUM = ("the products are summed in {} (torch.autocast): merging the adapter and the magnitude into the "
+               "{} weight would round that sum to the weight's dtype")
+
+
+def widened_sum_guard(facts: SiteFacts) -> str | None:
+    if facts.sum_dtype is not None and facts.sum_dtype != facts.adapter_dtype:
+        return WIDENED_SUM.format(facts.sum_dtype, facts.adapter_dtype)
+    return None
+
+
 def dora_forward2_guard(facts: SiteFacts) -> str | None:
-    """As LoRA's forward2 (the base product is replaced by X·(k ⊙ W′)ᵀ)."""
-    return merged_weight_forward_guard(facts)
+    """As LoRA's forward2 (the base product is replaced by X·(k ⊙ W′)ᵀ), and never under a widened sum."""
+    return widened_sum_guard(facts) or merged_weight_forward_guard(facts)
 
 
 DORA_FORWARD1 = Variant("dora-forward1", "DoRA factored: P = X·Wᵀ + s·(X·Aᵀ)·Bᵀ kept, Y = mns ⊙ P + b",
@@ -241,14 +267,17 @@ def _dora_backward_compute(lora: Variant):
     def compute(ops, p: DoraBackwardOperands) -> DoraBackwardResult:
         o = ops.size(p.b, 0)
         column = as_column(ops, p.mns, o)
-        scaled_b = ops.recompute(ops.mul(p.b, ops.cast(column, ops.dtype_of(p.b))))    # mns ⊙ B [o,r]
-        w_io = None
-        if p.dx is DxMode.TOTAL:
-            k = ops.sub(p.mns, 1) if p.dropout else p.mns
-            w_io = ops.recompute(scaled_weight_io(ops, p.w_io, ops.cast(k, ops.dtype_of(p.w_io)), o))
-        result = lora.compute(ops, BackwardOperands(dy=p.dy, x=p.x, a=p.a, b=scaled_b, s=p.s, w_io=w_io,
-                                                    dx=p.dx, dx_in_rows=p.dx_in_rows))
-        grad_b = ops.mul(result.grad_b, ops.cast(column, ops.dtype_of(result.grad_b)))   # mns ⊙ dB
+        if ops.dtype_of(p.dy) != ops.dtype_of(p.b):
+            result, grad_b = _widened_backward(ops, lora, p, o)
+        else:
+            scaled_b = ops.recompute(ops.mul(p.b, ops.cast(column, ops.dtype_of(p.b))))    # mns ⊙ B [o,r]
+            w_io = None
+            if p.dx is DxMode.TOTAL:
+                k = ops.sub(p.mns, 1) if p.dropout else p.mns
+                w_io = ops.recompute(scaled_weight_io(ops, p.w_io, ops.cast(k, ops.dtype_of(p.w_io)), o))
+            result = lora.compute(ops, BackwardOperands(dy=p.dy, x=p.x, a=p.a, b=scaled_b, s=p.s, w_io=w_io,
+                                                        dx=p.dx, dx_in_rows=p.dx_in_rows))
+            grad_b = ops.mul(result.grad_b, ops.cast(column, ops.dtype_of(result.grad_b)))   # mns ⊙ dB
         norm = p.norm if p.p_scale is None else ops.mul(p.norm, p.p_scale)    # p = P ⊙ k: divide k out
         grad_m = ops.div(token_sum(ops, ops.mul(p.dy, p.p)), norm)                        # Σₙ dY ⊙ P / ‖W′‖
         return DoraBackwardResult(result.grad_a, grad_b, result.grad_x, grad_m, z1=result.z1, xa=result.xa)
@@ -256,9 +285,22 @@ def _dora_backward_compute(lora: Variant):
     return compute
 
 
+def _widened_backward(ops, lora: Variant, p: DoraBackwardOperands, o):
+    """Under torch.autocast (dY in the sum's dtype, the products in B's): LoRA's backward K on
+    dP = (mns ⊙ dY) cast to the products' dtype, as autograd casts the gradient of the mns-scaled 16-bit
+    term; the cast is an [N,o] pass that must happen anyway, and mns rides in it. Only the adapter's dX_a
+    is returned (DxMode.LORA): the model's own 16-bit base gradient is left as it computes it."""
+    if p.dx is DxMode.TOTAL:
+        raise ValueError("a widened DoRA sum's backward replaces the adapter's dX_a only (DxMode.LORA)")
+    dp = ops.cast(ops.mul(p.dy, ops.view(ops.cast(p.mns, ops.dtype_of(p.dy)), [1, o])), ops.dtype_of(p.b))
+    result = lora.compute(ops, BackwardOperands(dy=dp, x=p.x, a=p.a, b=p.b, s=p.s, w_io=None, dx=p.dx,
+                                                dx_in_rows=p.dx_in_rows))
+    return result, result.grad_b
+
+
 def _dora_backward_guard(lora: Variant):
     def guard(facts: SiteFacts) -> str | None:
-        return merged_weight_backward_guard(facts) if lora.merges_weight else None
+        return (widened_sum_guard(facts) or merged_weight_backward_guard(facts)) if lora.merges_weight else None
 
     return guard
 

@@ -94,6 +94,7 @@ class SiteFacts:
     dx_sum_found: bool               # the base's dY·W is summed with the adapter's dX_a
     dora: bool = False               # a DoRA site: Y = m/‖W + s·B·A‖ ⊙ (X·(W + s·B·A)ᵀ) + b (lora_rewrite/dora.py)
     trains: bool = False             # the graph computes the site's gradients (a training graph)
+    sum_dtype: torch.dtype | None = None   # a DoRA sum in a wider dtype than its products (torch.autocast)
 
 
 @dataclass(frozen=True)

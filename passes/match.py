@@ -298,9 +298,10 @@ def _unscaled(g_source: Node, forward: ForwardChain) -> Node | None:
 
 
 def adapter_gradients(anchor: Node, forward: ForwardChain, backward: set[Node],
-                      dy_of: Callable[[Node], Node | None]) -> Gradients:
+                      dy_of: Callable[[Node], Node | None], dy_dtype: torch.dtype | None = None) -> Gradients:
     """dB, Z1, dA and dX_a of the adapter, from g (the gradient reaching B: `dy_of(g)` is the output
-    gradient dY it scales, or None); `dx_sum` is left None for the caller to find."""
+    gradient dY it scales, or None); `dx_sum` is left None for the caller to find. dY is in the adapter's
+    dtype, or in `dy_dtype` (a DoRA sum under torch.autocast)."""
     grad_b = g = None
     for u in anchor.users:
         if u not in backward:
@@ -321,7 +322,7 @@ def adapter_gradients(anchor: Node, forward: ForwardChain, backward: set[Node],
     dy = dy_of(g_source)
     if dy is None:
         raise NoMatch("the gradient reaching B is not the output gradient times the scale")
-    if dtype(dy) != forward.dtype:
+    if dtype(dy) != (dy_dtype or forward.dtype):
         raise NoMatch("the output gradient is in another dtype than the adapter")
 
     # z1 = g·B, then dA = z1ᵀ·X and dX_a = z1·A.

@@ -71,8 +71,9 @@ def match_dora_site(anchor: Node, backward: set[Node]) -> Site:
     mns, scale, linear, bias, dropout_product = terms
     magnitude, norm = mns.args
     norm_weight, (norm_reduce_dtype, norm_out_dtype), norm_nodes = _match_norm(norm, linear, a, b, scale, o, i)
-    upcast_base = _check_dtypes(xab, linear, mns, out, dropout_product)
-    if dropout_product is None and not (same_rows(linear.x, x) or upcast_base and _is_upcast_of(x, linear.x)):
+    upcast_base, sum_dtype = _check_dtypes(xab, linear, mns, out, dropout_product)
+    if dropout_product is None and not (same_rows(linear.x, x) or upcast_base and _is_upcast_of(x, linear.x)
+                                        or sum_dtype is not None and _same_values_through_casts(x, linear.x)):
         raise NoMatch("DoRA: the adapter's input is not provably the base's input")
     if dropout_product is not None and not same_rows(dropout_product.args[0], x):
         raise NoMatch("DoRA: the second base product does not read the adapter's input")
@@ -90,18 +91,19 @@ def match_dora_site(anchor: Node, backward: set[Node]) -> Site:
                            dtype=dtype(xab), base_dtype=dtype(linear.node), nodes=(anchor, xab, out))
     gradients, grad_m = None, None
     if backward:
-        g_of = _scaled_output_gradient(mns, scale)
-        gradients = adapter_gradients(anchor, forward, backward, g_of)
+        g_of = _scaled_output_gradient(mns, scale, cast_from=sum_dtype)
+        gradients = adapter_gradients(anchor, forward, backward, g_of, dy_dtype=sum_dtype)
         if gradients.grad_x_lora is not None:
             gradient_product = dropout_product if dropout_product is not None else linear.node
             scale_of_base = _base_output_gradient(mns, minus_one=dropout_product is not None)
             dx_sum = input_grad_sum(gradients.grad_x_lora, _as_linear(gradient_product, linear),
                                     lambda gb: scale_of_base(gb, gradients.dy), o)
-            if dx_sum is None and not upcast_base:
+            if dx_sum is None and not (upcast_base or sum_dtype is not None):
                 raise NoMatch("DoRA: the base's input gradient was not found in the same sum as the adapter's")
             # With the base in a narrower dtype than the adapter, autograd sums its (mns ⊙ dY)·W, in the
-            # base's dtype, with the adapter's dX_a across a cast: only dX_a is replaced (DxMode.LORA).
-            gradients = _with_dx_sum(gradients, dx_sum)
+            # base's dtype, with the adapter's dX_a across a cast; under autocast it sums 16-bit casts of
+            # dY and (mns − 1) ⊙ dY: only dX_a is replaced (DxMode.LORA), the base's part stays as it is.
+            gradients = _with_dx_sum(gradients, None if sum_dtype is not None else dx_sum)
         grad_m = _magnitude_gradient(norm, backward)
         if grad_m is None and _needs_gradient(magnitude):
             raise NoMatch("DoRA: the magnitude's gradient (a division by the norm) was not found")
@@ -115,34 +117,75 @@ def match_dora_site(anchor: Node, backward: set[Node]) -> Site:
         plain_linear_base=True, adapter_dtype=dtype(xab), base_dtype=dtype(linear.node),
         weight_dtype=dtype(linear.w_io), dropout=dropout_product is not None or find_dropout(x, linear.node),
         adapter_reads_base_input=dropout_product is None, base_used_elsewhere=False, needs_dx=needs_dx,
-        dx_sum_found=gradients is not None and gradients.dx_sum is not None, dora=True, trains=bool(backward))
+        dx_sum_found=gradients is not None and gradients.dx_sum is not None, dora=True, trains=bool(backward),
+        sum_dtype=sum_dtype)
     return Site(anchor=anchor, provenance=provenance_of(anchor), forward=forward, backward=gradients,
                 backward_note="", dims=Dims(n, i, o, r, needs_dx=needs_dx), facts=facts, dora=dora)
 
 
-def _check_dtypes(xab: Node, linear: LinearBase, mns: Node, out: Node, dropout_product: Node | None) -> bool:
-    """Is the base result upcast into the sum (True), or is the sum in one dtype (False)? PEFT's default
-    on a 16-bit model keeps the adapters and m in fp32: X is cast up for the adapter, the 16-bit base
-    result enters the fp32 sum, and W is cast up for the norm (and for the second product, with dropout)."""
+def _check_dtypes(xab: Node, linear: LinearBase, mns: Node, out: Node,
+                  dropout_product: Node | None) -> tuple[bool, torch.dtype | None]:
+    """(is the base result upcast into the adapter's sum, the sum's dtype where wider than the products').
+
+    - One dtype: (False, None).
+    - PEFT's default on a 16-bit model keeps the adapters and m in fp32: X is cast up for the adapter, the
+      16-bit base result enters the fp32 sum, and W is cast up for the norm (and for the second product,
+      with dropout): (True, None).
+    - torch.autocast: every product (base and adapter) in 16 bits, m and the norm in fp32, so PEFT's sum
+      is fp32 by type promotion: (False, fp32)."""
     adapter = dtype(xab)
+    if dtype(mns) == dtype(out) == torch.float32 and adapter in (torch.float16, torch.bfloat16) \
+            and dtype(linear.node) == adapter and (dropout_product is None or dtype(dropout_product) == adapter):
+        return False, torch.float32
     if dtype(mns) != adapter or dtype(out) != adapter:
         raise NoMatch(f"DoRA: the sum mixes dtypes (adapter {adapter}, magnitude {dtype(mns)}, sum "
-                      f"{dtype(out)}): only a sum in the adapter's dtype is rewritten")
+                      f"{dtype(out)}): only a sum in the adapter's dtype, or an fp32 sum of 16-bit products "
+                      "(torch.autocast), is rewritten")
     base = dtype(linear.node)
     if base == adapter:
-        return False
+        return False, None
     if not (adapter == torch.float32 and base in (torch.float16, torch.bfloat16)):
         raise NoMatch(f"DoRA: the base computes in {base}, the adapter in {adapter}: only a 16-bit base "
                       "upcast into an fp32 adapter's sum is rewritten")
     if dropout_product is not None and dtype(dropout_product) != adapter:
         raise NoMatch("DoRA: the second base product is not in the adapter's dtype")
-    return True
+    return True, None
 
 
 def _is_upcast_of(x: Node, base_x: Node) -> bool:
     """X [N,i] is the base's input, cast to the adapter's dtype (through views of the same rows)."""
     source = strip_layout(x)
     return is_call(source, *CASTS) and dtype(source.args[0]) == dtype(base_x) and same_rows(source.args[0], base_x)
+
+
+def _same_values_through_casts(x: Node, base_x: Node) -> bool:
+    """X [N,i] holds the base's input rows, through casts that give back the same values (under autocast
+    PEFT casts a 16-bit X up to the adapter's fp32 and autocast casts it back down; Inductor's joint
+    passes may leave one cast from a dtype to itself) and casts that commute with views (transformers'
+    Conv1D views X to rows before autocast casts it; the adapter casts X before viewing it)."""
+    source_x, casts_x = _cast_free(x)
+    source_b, casts_b = _cast_free(base_x)
+    return source_x is source_b and casts_x == casts_b and same_size(shape(x)[-1], shape(base_x)[-1])
+
+
+def _cast_free(value: Node) -> tuple[Node, tuple]:
+    """(the node under value's views and casts, the dtypes it goes through from there: casts to the same
+    dtype left out, 16 → 32 → 16 bits round trips (exact) folded)."""
+    node, casts = value, []
+    while is_call(strip_layout(node), *CASTS):
+        node = strip_layout(node)
+        casts.append(dtype(node))
+        node = node.args[0]
+    node = strip_layout(node)
+    path = [dtype(node)]
+    for cast in reversed(casts):
+        if cast == path[-1]:
+            continue
+        if len(path) >= 2 and path[-1] == torch.float32 and cast == path[-2] and cast in (torch.float16, torch.bfloat16):
+            path.pop()
+            continue
+        path.append(cast)
+    return node, tuple(path)
 
 
 # --- the forward sum -------------------------------------------------------------------------------------
@@ -167,10 +210,14 @@ def _dora_sum(xab: Node, backward: set[Node]):
         node = forward_user(node, backward)
         if node is None:
             break
-        expanded = poly.expand(node)
+        # Under autocast the 16-bit products are summed in fp32, and PEFT subtracts the fp32 bias from a
+        # product that added its bf16 copy: read that sum with casts looked through (the dtypes are
+        # checked after, `_check_dtypes`: only such a widened sum is read this way).
+        widened = dtype(xab) in (torch.float16, torch.bfloat16) and dtype(node) == torch.float32
+        expanded = poly.expand(node, casts=widened)
         if expanded is None:
             break
-        terms = _read_sum(expanded, xab)
+        terms = _read_sum(expanded, xab, widened)
         if isinstance(terms, str):
             why = terms
             continue
@@ -178,8 +225,8 @@ def _dora_sum(xab: Node, backward: set[Node]):
     raise NoMatch(f"DoRA: {why}")
 
 
-def _read_sum(p: poly.Poly, xab: Node):
-    """The sum's parts, or why `p` is not DoRA's sum (a str)."""
+def _read_sum(p: poly.Poly, xab: Node, casts: bool = False):
+    """The sum's parts, or why `p` is not DoRA's sum (a str); `casts`: p's atoms were taken through casts."""
     lora_terms = [(m, c) for m, c in p.items() if xab in m]
     if len(lora_terms) != 1:
         return "the adapter output is not one term of the sum"
@@ -211,7 +258,7 @@ def _read_sum(p: poly.Poly, xab: Node):
         # no dropout: mns·(X·Wᵀ) [+ b]; the bias is the base addmm's own (it enters once, unscaled)
         if plain:
             ((b_mono, _),) = plain.items()
-            if product_bias is None or b_mono != (poly.atom(product_bias),):
+            if product_bias is None or b_mono != (poly.atom(product_bias, casts),):
                 return "the term outside the magnitude is not the base's bias"
         elif product_bias is not None:
             return "the base's bias is scaled by the magnitude"
@@ -228,7 +275,7 @@ def _read_sum(p: poly.Poly, xab: Node):
         return "the base product was not found"
     base_node, base_bias = _product_parts(base_product[0])
     expected_terms = 1 + (base_bias is not None)
-    if len(base_parts) != expected_terms or (base_bias is not None and (poly.atom(base_bias),) not in base_terms):
+    if len(base_parts) != expected_terms or (base_bias is not None and (poly.atom(base_bias, casts),) not in base_terms):
         return "the base result is not the base product plus its bias"
     linear = _linear_of(base_node, base_bias)
     second = _linear_of(product_node, None)
@@ -369,11 +416,17 @@ def _same_param(node: Any, param: Node) -> bool:
 
 # --- the backward ----------------------------------------------------------------------------------------
 
-def _scaled_output_gradient(mns: Node, scale: Any) -> Callable[[Node], Node | None]:
+def _scaled_output_gradient(mns: Node, scale: Any, cast_from: torch.dtype | None = None) -> Callable[[Node], Node | None]:
     """g ↦ dY where g = s·mns ⊙ dY (the gradient reaching the adapter's B), else None. The factors s and
     mns are peeled off the top of g's products — autograd multiplies them last — and what remains is dY,
-    whatever product it is itself (a SiLU's backward, say)."""
+    whatever product it is itself (a SiLU's backward, say). `cast_from`: under torch.autocast g is that
+    product, in the sum's dtype, cast down to the adapter's."""
     def dy_of(g: Node) -> Node | None:
+        if cast_from is not None:
+            g = poly.atom(g)
+            if not (is_call(g, *CASTS) and dtype(g.args[0]) == cast_from):
+                return None
+            g = g.args[0]
         node, found_mns, factor = g, False, 1.0
         found_tensor_scale = isinstance(scale, (int, float))
         for _ in range(8):

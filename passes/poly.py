@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch.fx import Node
 
-from lora_rewrite.passes.fx import ADD, ADDMM, MUL, VIEWS, is_call, same_size, shape
+from lora_rewrite.passes.fx import ADD, ADDMM, CASTS, MUL, VIEWS, is_call, same_size, shape
 
 aten = torch.ops.aten
 
@@ -40,9 +40,12 @@ Monomial = tuple                # atoms, sorted by `_order`
 Poly = dict                     # {Monomial: float}
 
 
-def atom(node: Any) -> Any:
-    """The node `node` stands for as a factor: through views (and copies) that keep its last dimension."""
-    while is_call(node, *LAYOUT):
+def atom(node: Any, casts: bool = False) -> Any:
+    """The node `node` stands for as a factor: through views (and copies) that keep its last dimension,
+    and with `casts` through dtype casts too (a value and its 16-bit copy as one atom: under autocast
+    PEFT subtracts the fp32 bias from a product that added its bf16 copy)."""
+    ops = LAYOUT + CASTS if casts else LAYOUT
+    while is_call(node, *ops):
         inner = node.args[0]
         outer_shape, inner_shape = shape(node), shape(inner)
         if not outer_shape or not inner_shape or not same_size(outer_shape[-1], inner_shape[-1]):
@@ -86,18 +89,20 @@ def _mul(p: Poly, q: Poly) -> Poly | None:
     return out if len(out) <= MAX_TERMS else None
 
 
-def expand(node: Any, is_leaf: Callable[[Node], bool] = lambda n: False, depth: int = MAX_DEPTH) -> Poly | None:
+def expand(node: Any, is_leaf: Callable[[Node], bool] = lambda n: False, depth: int = MAX_DEPTH,
+           casts: bool = False) -> Poly | None:
     """`node`'s value as a polynomial over its atoms; None when it is too large to be a site's sum.
-    `is_leaf(n)` stops the expansion at n (an atom even if it is an add or a mul)."""
+    `is_leaf(n)` stops the expansion at n (an atom even if it is an add or a mul); `casts`: atoms are
+    taken through dtype casts (`atom`), so the polynomial holds up to the casts' rounding."""
     if _number(node):
         return {(): float(node)} if node != 0 else {}
     if not isinstance(node, Node):
         return None
-    node = atom(node)
+    node = atom(node, casts)
     if depth == 0 or is_leaf(node) or node.op != "call_function":
         return {(node,): 1.0}
     args, kwargs = node.args, node.kwargs
-    sub = lambda x: expand(x, is_leaf, depth - 1)  # noqa: E731
+    sub = lambda x: expand(x, is_leaf, depth - 1, casts)  # noqa: E731
     if node.target in (ADD, SUB) and len(args) == 2 and set(kwargs) <= {"alpha"}:
         p, q = sub(args[0]), sub(args[1])
         if p is None or q is None:

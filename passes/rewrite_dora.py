@@ -46,7 +46,8 @@ def _build_forward(ops: GraphOps, site: Site, variant: Variant) -> tuple:
             norm_dtype=dtype(dora.norm_weight), norm_out_dtype=dora.norm_out_dtype,
             norm_reduce_dtype=dora.norm_reduce_dtype, w_io=lin.w_io,
             bias=lin.bias, base_full=base_full, dropout_product=dora.dropout_product, trains=site.backward is not None,
-            base_x=lin.x if site.facts.base_dtype != site.facts.adapter_dtype else None)
+            base_x=lin.x if site.facts.base_dtype != site.facts.adapter_dtype else None,
+            sum_dtype=site.facts.sum_dtype)
         result = variant.compute(ops, operands)
         y = result.y
         if chain.out_shape_args is not None:

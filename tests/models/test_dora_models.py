@@ -242,6 +242,65 @@ def test_fp32_adapters_on_a_bf16_base_are_as_close_to_float64_as_eager(backward,
         assert rel_err(ref, ours) <= 1.5 * rel_err(ref, eager) + 4 * eps, what
 
 
+AUTOCAST = [(b, bias, dropout, "fp32") for b in ("backward1", "backward2", "backward3") for bias in (True, False)
+            for dropout in (0.0, 0.25)] + [("backward1", True, 0.0, "bf16"), ("backward3", False, 0.25, "bf16")]
+
+
+@pytest.mark.parametrize("backward,bias,dropout,model_dtype", AUTOCAST,
+                         ids=[f"{b}-{'bias' if bias else 'no-bias'}-{'dropout' if d else 'no-dropout'}-{m}-model"
+                              for b, bias, d, m in AUTOCAST])
+def test_autocast_is_rewritten_and_as_close_to_float64_as_eager(backward, bias, dropout, model_dtype):
+    """torch.autocast(bf16), as Trainer(bf16=True) runs a model: every product in bf16, m and the norm in
+    fp32, so PEFT's DoRA sum is fp32. Rewritten with the factored forward, P summed in fp32 from the bf16
+    products (never rounded to bf16), dP = bf16(mns ⊙ dY) as autograd casts it, the base's own bf16 input
+    gradient kept; the merged variants are illegal (they would round the fp32 sum into a bf16 weight). On
+    an fp32 model and on a bf16 one (PEFT's fp32 adapters): Y, dX, dA, dB, dm (and the bias) as close to
+    float64 as eager PEFT's, with the same dropout masks."""
+    from helpers import Autocast
+
+    if model_dtype == "fp32":
+        model = one_dora_linear(bias=bias, dropout=dropout)
+    else:
+        model = mixed_dora_linear(bias=bias, dropout=dropout)
+    if bias:
+        model.base_model.model.proj.base_layer.bias.requires_grad_(True)
+    dtype = torch.float32 if model_dtype == "fp32" else torch.bfloat16
+    x = torch.randn(3, 8, 20, dtype=dtype, requires_grad=True)   # N = 24: dm's blocked token_sum
+    grad_out = torch.randn(3, 8, 28, dtype=torch.bfloat16)
+    torch.manual_seed(5)
+    y64, dx64, g64 = float64_reference(model, x, grad_out.double())
+    torch.manual_seed(5)
+    y_eager, dx_eager, g_eager = step(Autocast(model), x, grad_out)
+    with debug.collect_reports() as reports:
+        compiled = runlora(Autocast(model), backward=backward, fallback_random=True)
+        torch.manual_seed(5)
+        y, dx, grads = step(compiled, x, grad_out)
+    (site,) = sites(reports)
+    assert (site.forward, site.backward, site.dtype) == ("dora-forward1", f"dora-{backward}", "bfloat16")
+    assert site.dropout == bool(dropout)
+    eps = torch.finfo(torch.bfloat16).eps
+    g64 = {k.removeprefix("inner."): v for k, v in g64.items()}
+    g_eager = {k.removeprefix("inner."): v for k, v in g_eager.items()}
+    grads = {k.removeprefix("inner."): v for k, v in grads.items()}
+    assert g64.keys() == grads.keys() == g_eager.keys() and any("lora_magnitude_vector" in n for n in grads)
+    for what, ref, eager, ours in [("Y", y64, y_eager, y), ("dX", dx64, dx_eager, dx)] + \
+            [(n, g64[n], g_eager[n], grads[n]) for n in g64]:
+        assert ours.dtype == eager.dtype, what
+        assert rel_err(ref, ours) <= 1.5 * rel_err(ref, eager) + 4 * eps, what
+
+
+def test_autocast_never_takes_a_merged_variant():
+    """Forcing forward2 / backward5 under autocast falls back to a factored variant, with the reason."""
+    from helpers import Autocast
+
+    model = one_dora_linear()
+    x = torch.randn(3, 8, 20, requires_grad=True)
+    with debug.collect_reports() as reports:
+        step(runlora(Autocast(model), forward="forward2", backward="backward5"), x, torch.randn(3, 8, 28))
+    (site,) = sites(reports)
+    assert site.forward == "dora-forward1" and site.backward not in ("dora-backward4", "dora-backward5")
+
+
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "bert"])
 def test_fp32_adapters_on_bf16_families_are_rewritten_and_as_close_to_float64_as_eager(family):
     """PEFT's default on a bf16 model, on the families: every DoRA linear rewritten (the factored forward),
@@ -264,20 +323,50 @@ def test_fp32_adapters_on_bf16_families_are_rewritten_and_as_close_to_float64_as
         assert rel_err(grads64[name], grads[name]) <= 1.5 * rel_err(grads64[name], grads_ref[name]) + 4 * eps, name
 
 
-def test_a_sum_in_other_dtypes_is_left_untouched_with_the_reason():
-    """bf16 adapters with an fp32 magnitude (not what PEFT builds): the magnitude's scale is in another
-    dtype than the adapter's term. Left untouched, and the step still equals eager."""
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "bert"])
+def test_autocast_on_families_is_rewritten_and_as_close_to_float64_as_eager(family):
+    """An fp32 model under torch.autocast(bf16) (Trainer(bf16=True)): every DoRA linear rewritten with the
+    factored forward, the loss and every gradient (A, B, m) as close to the float64 model's as eager PEFT's."""
+    from model_builders import Autocast
+
+    model = dora_model(family)
+    eager_model, compiled_model = twins(model)
+    (model64,) = twins(model, 1)
+    model64 = model64.double()
+    loss64, grads64 = loss_and_grads(model64, model64, batch())
+    loss_ref, grads_ref = loss_and_grads(Autocast(eager_model), eager_model, batch())
+    wrapped = Autocast(compiled_model)
+    with debug.collect_reports() as reports:
+        loss, grads = loss_and_grads(runlora(wrapped), compiled_model, batch())
+    assert_all_rewritten(reports, wrapped)   # its sites are named inner.…
+    assert {(s.forward, s.dtype) for s in sites(reports)} == {("dora-forward1", "bfloat16")}
+    eps = torch.finfo(torch.bfloat16).eps
+    assert rel_err(loss64, loss) <= 1.5 * rel_err(loss64, loss_ref) + eps
+    assert grads.keys() == grads_ref.keys() == grads64.keys()
+    for name in grads64:
+        assert rel_err(grads64[name], grads[name]) <= 1.5 * rel_err(grads64[name], grads_ref[name]) + 4 * eps, name
+
+
+@pytest.mark.parametrize("magnitude_dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_a_magnitude_in_another_dtype_is_a_widened_sum_or_left_untouched(magnitude_dtype):
+    """bf16 adapters on a bf16 model with the magnitude in another dtype (not what PEFT builds). An fp32
+    m makes the sum fp32 over bf16 products, autocast's algebra: rewritten as that. A float64 m is not a
+    sum the rewrite knows: left untouched with the reason. The step equals eager either way."""
     model = dora_model("llama", layers=1, dtype=torch.bfloat16, autocast_adapter_dtype=False)
     for name, p in model.named_parameters():
         if "lora_magnitude_vector" in name:
-            p.data = p.data.float()
+            p.data = p.data.to(magnitude_dtype)
     eager_model, compiled_model = twins(model)
     with debug.collect_reports() as reports:
         loss_ref, _ = loss_and_grads(eager_model, eager_model, batch())
         loss, _ = loss_and_grads(runlora(compiled_model), compiled_model, batch())
     assert rel_err(loss_ref, loss) <= 1e-2
-    assert sites(reports) == [] and skipped(reports)
-    assert all("mixes dtypes" in s.reason for s in skipped(reports))
+    if magnitude_dtype == torch.float32:
+        assert_all_rewritten(reports, model)
+        assert {(s.forward, s.dtype) for s in sites(reports)} == {("dora-forward1", "bfloat16")}
+    else:
+        assert sites(reports) == [] and skipped(reports)
+        assert all("mixes dtypes" in s.reason for s in skipped(reports))
 
 
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-base-fp32-adapters"])

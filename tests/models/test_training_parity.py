@@ -104,18 +104,13 @@ def test_bf16_training_equals_eager_peft(case, use_dora):
         losses, weights = train(runlora(wrap(compiled_model)), compiled_model, data, lr=LR)
 
     (report,) = reports
-    if case == "autocast" and use_dora:   # bf16 products under an fp32 magnitude: left untouched, still eager's
-        assert report.sites == [] and len(report.skipped) == 14
-        assert all("mixes dtypes" in k.reason for k in report.skipped)
-        assert rel_err(losses_ref, losses) <= BF16_LOSS_RTOL
-        assert max_rel_err(weights_ref, weights) <= BF16_WEIGHT_RTOL
-        return
     assert report.skipped == [] and len(report.sites) == 14 and all(s.backward for s in report.sites)
     compute_dtype = "float32" if case == "bf16-base-fp32-adapters" else "bfloat16"
     assert {s.dtype for s in report.sites} == {compute_dtype}
     prefix = "dora-" if use_dora else ""
     assert all(s.forward.startswith(prefix) and s.backward.startswith(prefix) for s in report.sites)
-    if case == "bf16-base-fp32-adapters":  # merging would round the fp32 adapter into the bf16 weight
+    # merging would round the fp32 adapter into the bf16 weight, or (DoRA under autocast) the fp32 sum
+    if case == "bf16-base-fp32-adapters" or case == "autocast" and use_dora:
         assert {s.forward for s in report.sites} == {f"{prefix}forward1"}
         assert not {s.backward for s in report.sites if s.needs_dx} & {f"{prefix}backward4", f"{prefix}backward5"}
 
