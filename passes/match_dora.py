@@ -181,7 +181,8 @@ def _cast_free(value: Node) -> tuple[Node, tuple]:
     for cast in reversed(casts):
         if cast == path[-1]:
             continue
-        if len(path) >= 2 and path[-1] == torch.float32 and cast == path[-2] and cast in (torch.float16, torch.bfloat16):
+        if len(path) >= 2 and path[-1] == torch.float32 and cast == path[-2] \
+                and cast in (torch.float16, torch.bfloat16):
             path.pop()
             continue
         path.append(cast)
@@ -275,7 +276,8 @@ def _read_sum(p: poly.Poly, xab: Node, casts: bool = False):
         return "the base product was not found"
     base_node, base_bias = _product_parts(base_product[0])
     expected_terms = 1 + (base_bias is not None)
-    if len(base_parts) != expected_terms or (base_bias is not None and (poly.atom(base_bias, casts),) not in base_terms):
+    if len(base_parts) != expected_terms or \
+            (base_bias is not None and (poly.atom(base_bias, casts),) not in base_terms):
         return "the base result is not the base product plus its bias"
     linear = _linear_of(base_node, base_bias)
     second = _linear_of(product_node, None)
@@ -416,7 +418,8 @@ def _same_param(node: Any, param: Node) -> bool:
 
 # --- the backward ----------------------------------------------------------------------------------------
 
-def _scaled_output_gradient(mns: Node, scale: Any, cast_from: torch.dtype | None = None) -> Callable[[Node], Node | None]:
+def _scaled_output_gradient(mns: Node, scale: Any,
+                            cast_from: torch.dtype | None = None) -> Callable[[Node], Node | None]:
     """g ↦ dY where g = s·mns ⊙ dY (the gradient reaching the adapter's B), else None. The factors s and
     mns are peeled off the top of g's products — autograd multiplies them last — and what remains is dY,
     whatever product it is itself (a SiLU's backward, say). `cast_from`: under torch.autocast g is that

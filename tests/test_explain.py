@@ -51,8 +51,9 @@ def test_explain_lists_every_site_of_a_small_llama():
 
 def test_explain_lists_dora_sites_and_dora_left_untouched_with_the_reason():
     """DoRA layers are rewritten sites (one graph: lora_rewrite/traceable_peft.py), with PEFT's default
-    fp32 adapters on a bf16 model too; with a sum in mixed dtypes that PEFT does not build (bf16 adapters,
-    an fp32 magnitude) they are left untouched, each named in the model with the reason."""
+    fp32 adapters on a bf16 model too, and with bf16 adapters under an fp32 magnitude (autocast's fp32 sum
+    of bf16 products); with a sum in dtypes no rewrite knows (a float64 magnitude) they are left untouched,
+    each named in the model with the reason."""
     model = tiny_llama(use_dora=True)
     ids = torch.randint(0, 128, (2, 8))
     report = explain(model, input_ids=ids, options={"codegen": False})
@@ -71,6 +72,13 @@ def test_explain_lists_dora_sites_and_dora_left_untouched_with_the_reason():
     for name, p in mixed.named_parameters():
         if "lora_A" in name or "lora_B" in name:
             p.data = p.data.to(torch.bfloat16)   # bf16 adapters, the magnitude left in fp32
+    report = explain(mixed, input_ids=ids, options={"codegen": False})
+    assert len(report.sites) == 14 and report.untouched == []
+    assert {(s.kind, s.forward, s.dtype) for s in report.sites} == {("dora", "dora-forward1", "bfloat16")}
+
+    for name, p in mixed.named_parameters():
+        if "lora_magnitude_vector" in name:
+            p.data = p.data.double()   # a float64 magnitude: a sum no rewrite knows
     report = explain(mixed, input_ids=ids, options={"codegen": False})
     assert report.sites == [] and len(report.untouched) == 14
     lora_layers = {u.module for u in report.untouched}

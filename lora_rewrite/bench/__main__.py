@@ -33,6 +33,7 @@ KNOWN_IMPLS = ("eager", "inductor", "inductor-again", "runlora", "frozen", "indu
 # fair baseline); inductor-lora / runlora-<criterion>-lora: plain LoRA of the same shapes, the price DoRA
 # should cost.
 DORA_DEFAULT_IMPLS = ("eager", "inductor-breaks", "inductor", "runlora", "inductor-lora", "runlora-lora", "frozen")
+AUTOCAST_SUFFIX = " autocast(bf16)"   # a case title's mark for --autocast
 LORA_SUFFIX = "-lora"   # an implementation run on the plain-LoRA twin of a --dora model
 # runlora-<criterion>-unfused: runlora with fuse_siblings off, to time the sibling fusion by itself.
 UNFUSED_SUFFIX = "-unfused"
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--runlora-options", default=None, help="extra runlora options as JSON, e.g. "
                      "'{\"forward\": \"forward1\"}'")
     how.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="default fp32")
+    how.add_argument("--autocast", action="store_true", help="every implementation's forward under "
+                     "torch.autocast(bfloat16), as Trainer(bf16=True) runs it (the frozen floor's too)")
     how.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     how.add_argument("--threads", type=int, default=None, help="CPU threads (default: every available core)")
     how.add_argument("--rounds", type=int, default=PROTOCOL_MIN_ROUNDS,
@@ -242,22 +245,24 @@ def model_case(args, device, dtype, extra_options, on_step):
     impls = []
     for name in names:
         if name == "frozen":
-            impls.append(measure.Implementation(name, models.model_loss_step(
-                compile_for(name, frozen, args, extra_options), inputs.frozen_step_kwargs), frozen))
+            step = models.model_loss_step(compile_for(name, frozen, args, extra_options), inputs.frozen_step_kwargs)
+            module, is_runlora = frozen, False
         else:
             module = lora_twin if name.endswith(LORA_SUFFIX) else peft_model
             step = models.model_loss_step(compile_for(name, module, args, extra_options), inputs.lora_step_kwargs)
             if name == "inductor-breaks":
                 step = models.with_dora_graph_breaks(step)
-            impls.append(measure.Implementation(name, step, module, runlora=name.startswith("runlora")))
-    title = f"{spec.name} b={batch} s={seq_len} r={args.lora_r} {args.dtype}"
+            is_runlora = name.startswith("runlora")
+        step = measure.under_autocast(step, device) if args.autocast else step
+        impls.append(measure.Implementation(name, step, module, runlora=is_runlora))
+    title = f"{spec.name} b={batch} s={seq_len} r={args.lora_r} {args.dtype}{AUTOCAST_SUFFIX if args.autocast else ''}"
     n_params = sum(p.numel() for p in frozen.parameters())
     n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     settings = {"mode": "model", "model": spec.name, "family": spec.family, "head": spec.head,
                 "config_source": spec.source, "batch": batch, "seq_len": seq_len, "tokens": batch * seq_len,
                 "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
                 "dtype": args.dtype, "fp32_adapters": args.fp32_adapters, "dora": args.dora, "4bit": args.bits4,
-                "target_modules": targets,
+                "autocast": args.autocast, "target_modules": targets,
                 "lora_sites": models.count_lora_sites(peft_model), "parameters": n_params,
                 "trainable_parameters": n_trainable,
                 "attn_implementation": getattr(frozen.config, "_attn_implementation", None),
@@ -319,11 +324,12 @@ def layer_case(shape, args, device, dtype, extra_options, on_step):
             from lora_rewrite.bench.models import with_dora_graph_breaks
 
             step = with_dora_graph_breaks(step)
+        step = measure.under_autocast(step, device) if args.autocast else step
         impls.append(measure.Implementation(name, step, module, runlora=name.startswith("runlora")))
     settings = {"mode": "layer", "i": shape.i, "o": shape.o, "tokens": shape.tokens, "batch": shape.batch,
                 "seq_len": shape.tokens // shape.batch, "lora_r": shape.r, "lora_alpha": args.lora_alpha,
                 "lora_dropout": args.lora_dropout, "stack": shape.stack, "siblings": shape.siblings, "bias": args.bias, "dtype": args.dtype,
-                "fp32_adapters": args.fp32_adapters, "dora": args.dora, "4bit": args.bits4}
+                "fp32_adapters": args.fp32_adapters, "dora": args.dora, "4bit": args.bits4, "autocast": args.autocast}
     notes = ["step: loss = Σ Y ⊙ G (fixed random G, so dY = G) on X[b, N/b, i] requiring grad; "
              "frozen: the same linears without adapters"]
     results = _measure(impls, device, args, on_step)
@@ -337,7 +343,7 @@ def layer_case(shape, args, device, dtype, extra_options, on_step):
         from lora_rewrite.bench.models import lora_adapter_ranks
 
         notes += report.qlora_verdicts(rows, tokens=shape.tokens, adapters=lora_adapter_ranks(peft_model))
-    case = report.Case(f"{shape.label} {args.dtype}", settings, rows, notes)
+    case = report.Case(f"{shape.label} {args.dtype}{AUTOCAST_SUFFIX if args.autocast else ''}", settings, rows, notes)
     del impls, peft_model, frozen, lora_loss, frozen_loss, twin_loss
     compat.reset_dynamo()
     return case

@@ -43,6 +43,16 @@ class Implementation:
     runlora: bool = False
 
 
+def under_autocast(forward_loss: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], torch.Tensor]:
+    """forward_loss run under torch.autocast(bfloat16), as Trainer(bf16=True) runs a forward; the backward
+    runs outside it, as there."""
+    def autocast_loss():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return forward_loss()
+
+    return autocast_loss
+
+
 @dataclass
 class Measurement:
     name: str

@@ -85,6 +85,21 @@ def test_model_mode_tiny_llama(tmp_path, capsys):
     assert (tmp_path / "tiny_speedup.png").is_file()
 
 
+def test_autocast_runs_every_forward_under_bf16_autocast(tmp_path, capsys):
+    """--autocast: the case is marked, its settings say so, and runlora rewrites the DoRA site under
+    autocast (an fp32 sum of bf16 products) — which it does only when the forward really ran under it."""
+    prefix = tmp_path / "autocast"
+    assert main(["--layer", "--in", "32", "--tokens", "64", "--rank", "4", "--dora", "--autocast",
+                 "--impls", "inductor", "runlora-flops", "frozen", "-o", str(prefix), *SMOKE]) == 0
+    assert "**i=32 o=32 N=64 (b=32) r=4 fp32 autocast(bf16)**" in capsys.readouterr().out
+    _, data = _read_outputs(prefix)
+    (case,) = data["cases"]
+    assert case["settings"]["autocast"] is True
+    rows = {r["implementation"]: r for r in case["rows"]}
+    assert rows["runlora-flops"]["sites_rewritten"] == 1
+    assert all(k.startswith("dora-forward1/") for k in rows["runlora-flops"]["variants"]["choices"])
+
+
 def test_protocol_minimums_are_the_defaults_and_enforced(capsys):
     args = build_parser().parse_args(["-m", "tiny-llama"])
     assert args.rounds >= PROTOCOL_MIN_ROUNDS >= 11

@@ -144,7 +144,13 @@ def test_a_unit_scale_lora_alpha_equal_to_r_is_rewritten(backward, dropout):
     """s = 1 (lora_alpha = r, a common choice): autograd still multiplies dY by 1.0, and the base's input
     gradient reads the dY beneath that product; the site is rewritten, not left untouched (it was, until
     the matcher looked through the unit factor), and equals eager PEFT with the same masks."""
-    model = one_dora_linear(r=4, alpha=4, dropout=dropout)
+    site = assert_forced_backward_equals_eager(one_dora_linear(r=4, alpha=4, dropout=dropout), backward)
+    assert site.backward == f"dora-{backward}" and site.dropout == bool(dropout)
+
+
+def assert_forced_backward_equals_eager(model, backward):
+    """One step of `model` compiled with `backward` forced equals eager PEFT's (Y, dX, every gradient),
+    with the same dropout masks; the one site's report."""
     x = torch.randn(3, 7, 20, requires_grad=True)
     grad_out = torch.randn(3, 7, 28)
     torch.manual_seed(11)
@@ -154,26 +160,15 @@ def test_a_unit_scale_lora_alpha_equal_to_r_is_rewritten(backward, dropout):
         torch.manual_seed(11)
         y, dx, grads = step(compiled, x, grad_out)
     (site,) = sites(reports)
-    assert site.backward == f"dora-{backward}" and site.dropout == bool(dropout)
     for what, ref, ours in [("Y", y_ref, y), ("dX", dx_ref, dx)] + [(n, g_ref[n], grads[n]) for n in g_ref]:
         assert rel_err(ref, ours) <= 2e-6, what
+    return site
 
 
 @pytest.mark.parametrize("backward", ["backward1", "backward2", "backward3"])
 def test_dropout_with_the_same_masks_equals_eager_and_is_never_merged(backward):
-    model = one_dora_linear(dropout=0.25)
-    x = torch.randn(3, 7, 20, requires_grad=True)
-    grad_out = torch.randn(3, 7, 28)
-    torch.manual_seed(11)
-    y_ref, dx_ref, g_ref = step(model, x, grad_out)
-    with debug.collect_reports() as reports:
-        compiled = runlora(model, backward=backward, fallback_random=True)
-        torch.manual_seed(11)
-        y, dx, grads = step(compiled, x, grad_out)
-    (site,) = sites(reports)
+    site = assert_forced_backward_equals_eager(one_dora_linear(dropout=0.25), backward)
     assert site.dropout and (site.forward, site.backward) == ("dora-forward1", f"dora-{backward}")
-    for what, ref, ours in [("Y", y_ref, y), ("dX", dx_ref, dx)] + [(n, g_ref[n], grads[n]) for n in g_ref]:
-        assert rel_err(ref, ours) <= 2e-6, what
 
 
 def test_bf16_adapters_are_as_close_to_float64_as_eager():
@@ -222,24 +217,34 @@ def test_fp32_adapters_on_a_bf16_base_are_as_close_to_float64_as_eager(backward,
         model.base_model.model.proj.base_layer.bias.requires_grad_(True)
     x = torch.randn(3, 7, 20, dtype=torch.bfloat16, requires_grad=True)
     grad_out = torch.randn(3, 7, 28, dtype=torch.bfloat16)
+    site = assert_as_close_to_float64_as_eager(model, x, grad_out, backward)
+    assert (site.forward, site.backward, site.dtype) == ("dora-forward1", f"dora-{backward}", "float32")
+    assert site.dropout == bool(dropout)
+
+
+def assert_as_close_to_float64_as_eager(model, x, grad_out, backward, wrap=lambda m: m):
+    """One step of wrap(model) compiled with `backward` forced: Y, dX and every gradient (dm among them)
+    within 1.5× eager PEFT's error against the float64 model + 4 bf16 eps, with the same dropout masks;
+    the one site's report."""
     torch.manual_seed(5)
     y64, dx64, g64 = float64_reference(model, x, grad_out)
     torch.manual_seed(5)
-    y_eager, dx_eager, g_eager = step(model, x, grad_out)
+    y_eager, dx_eager, g_eager = step(wrap(model), x, grad_out)
     assert rel_err(y64, y_eager) <= 1e-2   # the float64 run dropped the same entries
     with debug.collect_reports() as reports:
-        compiled = runlora(model, backward=backward, fallback_random=True)
+        compiled = runlora(wrap(model), backward=backward, fallback_random=True)
         torch.manual_seed(5)
         y, dx, grads = step(compiled, x, grad_out)
     (site,) = sites(reports)
-    assert (site.forward, site.backward, site.dtype) == ("dora-forward1", f"dora-{backward}", "float32")
-    assert site.dropout == bool(dropout)
+    unwrapped = lambda g: {k.removeprefix("inner."): v for k, v in g.items()}  # noqa: E731
+    g64, g_eager, grads = unwrapped(g64), unwrapped(g_eager), unwrapped(grads)
     eps = torch.finfo(torch.bfloat16).eps
-    assert g64.keys() == grads.keys() and any("lora_magnitude_vector" in n for n in grads)
+    assert g64.keys() == grads.keys() == g_eager.keys() and any("lora_magnitude_vector" in n for n in grads)
     for what, ref, eager, ours in [("Y", y64, y_eager, y), ("dX", dx64, dx_eager, dx)] + \
             [(n, g64[n], g_eager[n], grads[n]) for n in g64]:
         assert ours.dtype == eager.dtype, what
         assert rel_err(ref, ours) <= 1.5 * rel_err(ref, eager) + 4 * eps, what
+    return site
 
 
 AUTOCAST = [(b, bias, dropout, "fp32") for b in ("backward1", "backward2", "backward3") for bias in (True, False)
@@ -267,26 +272,9 @@ def test_autocast_is_rewritten_and_as_close_to_float64_as_eager(backward, bias, 
     dtype = torch.float32 if model_dtype == "fp32" else torch.bfloat16
     x = torch.randn(3, 8, 20, dtype=dtype, requires_grad=True)   # N = 24: dm's blocked token_sum
     grad_out = torch.randn(3, 8, 28, dtype=torch.bfloat16)
-    torch.manual_seed(5)
-    y64, dx64, g64 = float64_reference(model, x, grad_out.double())
-    torch.manual_seed(5)
-    y_eager, dx_eager, g_eager = step(Autocast(model), x, grad_out)
-    with debug.collect_reports() as reports:
-        compiled = runlora(Autocast(model), backward=backward, fallback_random=True)
-        torch.manual_seed(5)
-        y, dx, grads = step(compiled, x, grad_out)
-    (site,) = sites(reports)
+    site = assert_as_close_to_float64_as_eager(model, x, grad_out, backward, wrap=Autocast)
     assert (site.forward, site.backward, site.dtype) == ("dora-forward1", f"dora-{backward}", "bfloat16")
     assert site.dropout == bool(dropout)
-    eps = torch.finfo(torch.bfloat16).eps
-    g64 = {k.removeprefix("inner."): v for k, v in g64.items()}
-    g_eager = {k.removeprefix("inner."): v for k, v in g_eager.items()}
-    grads = {k.removeprefix("inner."): v for k, v in grads.items()}
-    assert g64.keys() == grads.keys() == g_eager.keys() and any("lora_magnitude_vector" in n for n in grads)
-    for what, ref, eager, ours in [("Y", y64, y_eager, y), ("dX", dx64, dx_eager, dx)] + \
-            [(n, g64[n], g_eager[n], grads[n]) for n in g64]:
-        assert ours.dtype == eager.dtype, what
-        assert rel_err(ref, ours) <= 1.5 * rel_err(ref, eager) + 4 * eps, what
 
 
 def test_autocast_never_takes_a_merged_variant():
@@ -307,15 +295,22 @@ def test_fp32_adapters_on_bf16_families_are_rewritten_and_as_close_to_float64_as
     the loss and every gradient (A, B, m) as close to the float64 model's as eager PEFT's."""
     model = dora_model(family, dtype=torch.bfloat16)
     assert {p.dtype for p in trainable(model).values()} == {torch.float32}
+    assert_model_as_close_to_float64_as_eager(model, lambda m: m, "float32")
+
+
+def assert_model_as_close_to_float64_as_eager(model, wrap, compute_dtype: str):
+    """wrap(model) under runlora: every DoRA linear rewritten with the factored forward, computing in
+    `compute_dtype`; the loss and every gradient (A, B, m) as close to the float64 model's as eager PEFT's."""
     eager_model, compiled_model = twins(model)
     (model64,) = twins(model, 1)
     model64 = model64.double()
     loss64, grads64 = loss_and_grads(model64, model64, batch())
-    loss_ref, grads_ref = loss_and_grads(eager_model, eager_model, batch())
+    loss_ref, grads_ref = loss_and_grads(wrap(eager_model), eager_model, batch())
+    wrapped = wrap(compiled_model)
     with debug.collect_reports() as reports:
-        loss, grads = loss_and_grads(runlora(compiled_model), compiled_model, batch())
-    assert_all_rewritten(reports, model)
-    assert {(s.forward, s.dtype) for s in sites(reports)} == {("dora-forward1", "float32")}
+        loss, grads = loss_and_grads(runlora(wrapped), compiled_model, batch())
+    assert_all_rewritten(reports, wrapped)   # under a wrapper its sites are named inner.…
+    assert {(s.forward, s.dtype) for s in sites(reports)} == {("dora-forward1", compute_dtype)}
     eps = torch.finfo(torch.bfloat16).eps
     assert rel_err(loss64, loss) <= 1.5 * rel_err(loss64, loss_ref) + eps
     assert grads.keys() == grads_ref.keys() == grads64.keys()
@@ -329,22 +324,7 @@ def test_autocast_on_families_is_rewritten_and_as_close_to_float64_as_eager(fami
     factored forward, the loss and every gradient (A, B, m) as close to the float64 model's as eager PEFT's."""
     from model_builders import Autocast
 
-    model = dora_model(family)
-    eager_model, compiled_model = twins(model)
-    (model64,) = twins(model, 1)
-    model64 = model64.double()
-    loss64, grads64 = loss_and_grads(model64, model64, batch())
-    loss_ref, grads_ref = loss_and_grads(Autocast(eager_model), eager_model, batch())
-    wrapped = Autocast(compiled_model)
-    with debug.collect_reports() as reports:
-        loss, grads = loss_and_grads(runlora(wrapped), compiled_model, batch())
-    assert_all_rewritten(reports, wrapped)   # its sites are named inner.…
-    assert {(s.forward, s.dtype) for s in sites(reports)} == {("dora-forward1", "bfloat16")}
-    eps = torch.finfo(torch.bfloat16).eps
-    assert rel_err(loss64, loss) <= 1.5 * rel_err(loss64, loss_ref) + eps
-    assert grads.keys() == grads_ref.keys() == grads64.keys()
-    for name in grads64:
-        assert rel_err(grads64[name], grads[name]) <= 1.5 * rel_err(grads64[name], grads_ref[name]) + 4 * eps, name
+    assert_model_as_close_to_float64_as_eager(dora_model(family), Autocast, "bfloat16")
 
 
 @pytest.mark.parametrize("magnitude_dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

@@ -25,5 +25,8 @@ run llama_60m_r16 -m llama_60m --n_batch 8 --seq_len 512 -r 16
 run llama_130m_r16 -m llama_130m --n_batch 8 --seq_len 512 -r 16
 fi
 if [[ " $STAGES " == *" mixed "* ]]; then   # PEFT's default on a bf16 model: fp32 adapters and magnitude
-run sq1024_bf16_fp32adapters --layer --in 1024 --tokens 4096 --rank 16 --dtype bf16 --fp32-adapters
+# without eager and inductor-breaks (all eight did not finish in 10 minutes), 31 rounds (bf16's A/A is wide)
+$BENCH --no-progress --dora --layer --in 1024 --tokens 4096 --rank 16 --dtype bf16 --fp32-adapters --rounds 31 \
+  --impls inductor inductor-again runlora inductor-lora runlora-lora frozen \
+  -o "$OUT/sq1024_bf16_fp32adapters" > "$OUT/sq1024_bf16_fp32adapters.log" 2>&1
 fi
