@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 from torch.fx import Node
 
+from lora_rewrite.forms import is_number
 from lora_rewrite.variants import Dims, SiteFacts
 from lora_rewrite.passes import poly
 from lora_rewrite.passes.fx import (ADDMM, CASTS, MM, MUL, VIEWS, WEIGHT_OPS, dtype, is_call, is_matrix, is_weight,
@@ -463,17 +464,13 @@ def _without_unit_factors(node: Node) -> Node:
     the one beneath it (the same values, bit for bit)."""
     while is_call(node, MUL) and len(node.args) == 2 and not node.kwargs:
         left, right = node.args
-        if _number(right) and float(right) == 1.0 and isinstance(left, Node):
+        if is_number(right) and float(right) == 1.0 and isinstance(left, Node):
             node = left
-        elif _number(left) and float(left) == 1.0 and isinstance(right, Node):
+        elif is_number(left) and float(left) == 1.0 and isinstance(right, Node):
             node = right
         else:
             break
     return node
-
-
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _number_part(scale: Any) -> float:
