@@ -31,7 +31,7 @@ try:  # accelerate (Hugging Face Trainer) checks backend names against its own l
 except ImportError:
     pass
 
-# DoRA layers trace as one graph (lora_rewrite/traceable_peft.py): a stand-in for PEFT's one untraceable call.
+# DoRA layers trace as one graph (lora_rewrite/traceable_peft.py): stand-ins for PEFT's untraceable calls.
 try:
     from lora_rewrite import traceable_peft
 

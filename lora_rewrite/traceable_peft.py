@@ -18,6 +18,12 @@ It is installed when the runlora backend is loaded (`import lora_rewrite`, which
 does on `backend="runlora"`): at once if peft is imported already, else right after peft imports
 `peft.utils.integrations`. Once installed it applies to every torch.compile in the process, stock
 Inductor's too (which then also traces DoRA layers as one graph).
+
+Under gradient checkpointing a third PEFT call stops Dynamo: `DoraLinearLayer._cache_clear`, which
+PEFT's cache decorator runs on every training forward, empties a dict — a mutation Dynamo refuses inside
+a checkpointed region, so every checkpointed DoRA layer ran eagerly, for every backend. A method of an
+nn.Module is inlined by Dynamo without consulting `substitute_in_graph`, so this one stand-in is set on
+PEFT's class itself (`METHOD_STAND_INS`); outside torch.compile it calls PEFT's method, exactly as before.
 """
 
 from __future__ import annotations
@@ -84,9 +90,37 @@ def make_transpose_stand_in(original):
     return transpose
 
 
+def make_cache_clear_stand_in(original):
+    """The stand-in for `DoraLinearLayer._cache_clear` (`self._dora_cache.clear()`). In training the
+    cache is empty at every forward but the first after eval (PEFT fills it only in eval with caching
+    on): traced by Dynamo, an empty cache is read (a guard on its length) rather than cleared, which
+    leaves the same empty dict and records no side effect. A filled cache, and every call outside
+    torch.compile, goes to PEFT's method."""
+
+    def _cache_clear(self) -> None:
+        if torch.compiler.is_compiling() and not self._dora_cache:
+            return
+        original(self)
+
+    _cache_clear.runlora_stand_in_for = original
+    return _cache_clear
+
+
+def is_pefts_cache_clear(method) -> bool:
+    """PEFT's `_cache_clear` as the stand-in knows it: it reads `_dora_cache` and calls `clear`, nothing
+    else. A PEFT that changed it keeps its own method (its checkpointed DoRA layers then run eagerly)."""
+    code = getattr(method, "__code__", None)
+    return code is not None and set(code.co_names) == {"_dora_cache", "clear"}
+
+
 # (module, function, the stand-in's maker): PEFT's functions that Dynamo cannot trace in a DoRA layer.
 STAND_INS = (("peft.utils.integrations", "dequantize_module_weight", make_stand_in),
              ("peft.utils.other", "transpose", make_transpose_stand_in))
+
+# (module, class, method, guard on PEFT's method, the stand-in's maker): methods Dynamo cannot trace
+# inside a checkpointed region, set on PEFT's class because Dynamo inlines methods as they are.
+METHOD_STAND_INS = (("peft.tuners.lora.dora", "DoraLinearLayer", "_cache_clear", is_pefts_cache_clear,
+                     make_cache_clear_stand_in),)
 
 
 def install() -> bool:
@@ -106,6 +140,17 @@ def install() -> bool:
             torch.compiler.substitute_in_graph(original, skip_signature_check=True)(make(original))
         except ValueError:   # someone registered a handler for it already: theirs stays
             continue
+        _installed.append(original)
+    for module_name, class_name, name, is_pefts, make in METHOD_STAND_INS:
+        module = sys.modules.get(module_name)
+        if module is None:
+            pending.append(module_name)
+            continue
+        cls = getattr(module, class_name, None)
+        original = cls.__dict__.get(name) if cls is not None else None
+        if original is None or hasattr(original, "runlora_stand_in_for") or not is_pefts(original):
+            continue
+        setattr(cls, name, make(original))
         _installed.append(original)
     for module_name in pending:
         _register_after_import(module_name)

@@ -1,6 +1,7 @@
-"""lora_rewrite/traceable_peft.py: the stand-in for PEFT's `dequantize_module_weight` that lets Dynamo
-trace a DoRA layer as one graph. It must return exactly what PEFT's function returns for every weight
-type that function handles, and make a DoRA model one graph where plain LoRA is."""
+"""lora_rewrite/traceable_peft.py: the stand-ins for PEFT's `dequantize_module_weight`, `transpose` and
+`DoraLinearLayer._cache_clear` that let Dynamo trace a DoRA layer as one graph. They must return (or
+leave) exactly what PEFT's code does for every input it handles, and make a DoRA model one graph where
+plain LoRA is — inside a checkpointed region too."""
 
 import json
 import subprocess
@@ -118,8 +119,14 @@ def test_bitsandbytes_weights_go_to_peft(kind):
 def test_the_stand_ins_are_registered_once_and_peft_modules_are_untouched():
     from peft.utils import integrations, other
 
+    from peft.tuners.lora.dora import DoraLinearLayer
+
     assert traceable_peft.install() is True and traceable_peft.install() is True
-    assert set(traceable_peft._installed) == {integrations.dequantize_module_weight, other.transpose}   # PEFT's own
+    pefts_cache_clear = DoraLinearLayer._cache_clear.runlora_stand_in_for
+    assert traceable_peft.is_pefts_cache_clear(pefts_cache_clear)
+    assert len(traceable_peft._installed) == 3   # PEFT's own, each once
+    assert set(traceable_peft._installed) == {integrations.dequantize_module_weight, other.transpose,
+                                              pefts_cache_clear}
 
 
 @pytest.mark.parametrize("kind", ["parameter", "tensor", "no fan_in_fan_out"])
@@ -180,3 +187,79 @@ def test_it_is_installed_whichever_is_imported_first(order):
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
     assert json.loads(line[len("RESULT "):]) == {"early": False, "installed": True}
+
+
+def dora_layer_with_cache(filled: bool):
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    layer = DoraLinearLayer(fan_in_fan_out=False)
+    if filled:
+        layer._cache_store("weight-norm-default", torch.ones(3))
+    return layer
+
+
+@pytest.mark.parametrize("filled", [False, True])
+def test_cache_clear_leaves_the_cache_as_pefts_method_does(filled):
+    """Outside torch.compile the stand-in is PEFT's method; traced, an empty cache stays empty with no
+    mutation and a filled one is cleared (then the trace records the mutation, as before)."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    stand_in = DoraLinearLayer._cache_clear
+    pefts = stand_in.runlora_stand_in_for
+    eager_layer, peft_layer, traced_layer = (dora_layer_with_cache(filled) for _ in range(3))
+    stand_in(eager_layer)
+    pefts(peft_layer)
+
+    def clears(x):
+        traced_layer._cache_clear()
+        return x + 1
+
+    torch._dynamo.reset()
+    torch.compile(clears, backend="eager")(torch.ones(2))
+    assert eager_layer._dora_cache == peft_layer._dora_cache == traced_layer._dora_cache == {}
+
+
+@pytest.mark.parametrize("which", ["stand-in", "peft's"])
+def test_an_empty_cache_clear_inside_a_checkpoint_does_not_break_the_graph(which):
+    """PEFT's `_cache_clear` inside torch.utils.checkpoint breaks the graph (a side effect in a region
+    the backward replays) and the region runs eagerly; the stand-in's traced form has no side effect."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer = dora_layer_with_cache(filled=False)
+    method = cache_clear_method(which)
+
+    def region(x):
+        method(layer)
+        return (x * 2).sin()
+
+    def fn(x):
+        return checkpoint(region, x, use_reentrant=False)
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    x = torch.randn(4, requires_grad=True)
+    y = torch.compile(fn, backend="eager")(x)
+    y.sum().backward()
+    assert torch.allclose(x.grad, 2 * (2 * x.detach()).cos())
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    assert (breaks == 0) == (which == "stand-in"), dict(torch._dynamo.utils.counters["graph_break"])
+
+
+def cache_clear_method(which):
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    stand_in = DoraLinearLayer._cache_clear
+    return stand_in if which == "stand-in" else stand_in.runlora_stand_in_for
+
+
+def test_a_changed_cache_clear_is_left_as_it_is():
+    """A PEFT whose `_cache_clear` does more than clear the dict keeps its own method."""
+    def _cache_clear(self):
+        self._dora_cache.clear()
+        self.cleared = True
+
+    def _pefts(self):
+        self._dora_cache.clear()
+
+    assert not traceable_peft.is_pefts_cache_clear(_cache_clear)
+    assert traceable_peft.is_pefts_cache_clear(_pefts)

@@ -425,28 +425,34 @@ def test_modules_to_save():
     assert_all_rewritten(reports, model)
 
 
-def test_gradient_checkpointing_compiles_what_stock_inductor_compiles():
-    """PEFT's DoRA layer clears its cache dict on every training forward; inside a checkpointed region
-    that is a side effect Dynamo will not replay, so for any backend, stock Inductor's too, the
-    checkpointed decoder layers run eagerly: there is no DoRA site in a graph to rewrite. runlora
-    compiles exactly stock's graphs and the step equals eager PEFT's."""
+def test_gradient_checkpointing_rewrites_every_checkpointed_dora_layer():
+    """PEFT's DoRA layer clears its cache dict on every training forward, a side effect Dynamo refuses
+    inside a checkpointed region; the cache-clear stand-in (lora_rewrite/traceable_peft.py) reads the
+    empty dict instead, so the checkpointed decoder layers are traced and every DoRA site is rewritten,
+    forward and backward. The graphs and breaks are plain LoRA's under checkpointing (PEFT's input-gradient
+    hook) and stock Inductor's on the same model; the steps equal eager PEFT's."""
     model = dora_model("llama")
     eager_model, compiled_model, stock_model = twins(model, 3)
-    for m in (eager_model, compiled_model, stock_model):
+    lora_twin = peft_model("llama")
+    for m in (eager_model, compiled_model, stock_model, lora_twin):
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.train()
     with debug.collect_reports() as reports:
         compiled = runlora(compiled_model)
         for seed in range(2):
             assert_step_equals_eager(eager_model, eager_model, compiled, compiled_model, batch(seed=seed))
-    assert sites(reports) == [] and skipped(reports) == []
-    runlora_counts = dynamo_counts()
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    compiled = stock(stock_model)
-    for seed in range(2):
-        loss_and_grads(compiled, stock_model, batch(seed=seed))
-    assert runlora_counts == dynamo_counts()
+    assert_all_rewritten(reports, model)
+    counts = []
+    for backend, m in ((stock, stock_model), (runlora, lora_twin)):
+        counts.append(dynamo_counts())
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        compiled = backend(m)
+        for seed in range(2):
+            loss_and_grads(compiled, m, batch(seed=seed))
+    counts.append(dynamo_counts())
+    runlora_dora, stock_dora, runlora_lora = counts
+    assert runlora_dora == stock_dora == runlora_lora
 
 
 @pytest.mark.parametrize("seq", [4, 32])
