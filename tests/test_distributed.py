@@ -120,3 +120,14 @@ def test_fsdp2_with_dora_matches_eager_fsdp2_and_rewrites_every_site(tmp_path):
     counters = result["counters"]
     assert counters["sites_found"] == counters["sites_rewritten"] == SITES_IN_MODEL
     assert counters["backward_rewritten"] == SITES_IN_MODEL and counters["chose_dora-forward2"] == SITES_IN_MODEL
+
+
+def test_ddp_with_dora_matches_eager_ddp_and_rewrites_every_site(tmp_path):
+    """DoRA under DDP with its default 25 MB buckets (the tiny model is one bucket, so one graph): every
+    site rewritten forward and backward, and A, B and the magnitude's all-reduced gradients equal eager
+    DDP's."""
+    result = run_two_processes(tmp_path, "ddp", use_dora=True)
+    assert result["same_keys"] and result["grads"] == 3 * SITES_IN_MODEL and result["err"] <= 1e-5
+    counters = result["counters"]
+    assert counters["sites_found"] == counters["sites_rewritten"] == SITES_IN_MODEL
+    assert counters["backward_rewritten"] == SITES_IN_MODEL
