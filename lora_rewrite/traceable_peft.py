@@ -10,9 +10,11 @@ model with transformers' Conv1D (GPT-2) a second PEFT function, `transpose`, bre
 `install()` registers, through the public `torch.compiler.substitute_in_graph`, a stand-in that Dynamo
 traces in its place: for the weights it can tell apart without that test — an `nn.Parameter` of exactly
 that class on a module without HQQ's `W_q` (PEFT returns it as it is), or a plain `torch.Tensor` (FSDP's
-unsharded views: PEFT returns it as it is) — it returns the weight; for anything else (HQQ, torchao,
-bitsandbytes' Params4bit / Int8Params, any other subclass) it calls PEFT's own function, exactly as
-before (with its graph break). Outside Dynamo the original runs: the stand-in only changes tracing.
+unsharded views: PEFT returns it as it is) — it returns the weight; for a bitsandbytes 4-bit weight
+(QDoRA) it dequantizes it as PEFT does (`dequantized_4bit_weight`: PEFT's class-name test and its CPU
+re-wrap of the weight are two more graph breaks); for anything else (HQQ, torchao, bitsandbytes'
+Int8Params, any other subclass) it calls PEFT's own function, exactly as before (with its graph break).
+Outside Dynamo the original runs: the stand-in only changes tracing.
 
 It is installed when the runlora backend is loaded (`import lora_rewrite`, which Dynamo's entry point
 does on `backend="runlora"`): at once if peft is imported already, else right after peft imports
@@ -46,14 +48,37 @@ def plain_weight(module: torch.nn.Module):
     return None
 
 
+def bnb_4bit_class():
+    """bitsandbytes' Params4bit, or None where bitsandbytes is not imported (then no weight is one)."""
+    bnb = sys.modules.get("bitsandbytes")
+    return getattr(getattr(bnb, "nn", None), "Params4bit", None)
+
+
+def dequantized_4bit_weight(module: torch.nn.Module):
+    """A bitsandbytes 4-bit weight dequantized as PEFT's function does it —
+    `bnb.functional.dequantize_4bit(weight.data, weight.quant_state)` — or None for any other weight.
+    PEFT's function reaches that line through a test of the weight's class name, which Dynamo breaks the
+    graph at (a tensor subclass's `__class__`), and on a CPU it then sets `module.weight` to
+    `module.weight.to("cpu")`: a new Params4bit around the same data and quant state, which Dynamo also
+    breaks at (a `.data` mutation). That re-wrap changes no value and is not repeated here."""
+    params4bit = bnb_4bit_class()
+    weight = module.weight
+    if params4bit is None or type(weight) is not params4bit or hasattr(module, "W_q"):
+        return None
+    return sys.modules["bitsandbytes"].functional.dequantize_4bit(weight.data, weight.quant_state)
+
+
 def make_stand_in(original):
-    """The traceable stand-in for PEFT's `original` dequantize_module_weight. Anything but a plain weight
-    goes to PEFT's code as it is — through a copy of the function: Dynamo would trace a call of `original`
-    itself as this stand-in again, without end."""
+    """The traceable stand-in for PEFT's `original` dequantize_module_weight. Anything but a plain or a
+    bitsandbytes 4-bit weight goes to PEFT's code as it is — through a copy of the function: Dynamo would
+    trace a call of `original` itself as this stand-in again, without end."""
     pefts_own = untraced_copy(original)
 
     def dequantize_module_weight(module):
         weight = plain_weight(module)
+        if weight is not None:
+            return weight
+        weight = dequantized_4bit_weight(module)
         if weight is not None:
             return weight
         return pefts_own(module)

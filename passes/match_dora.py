@@ -221,10 +221,21 @@ def _dora_sum(xab: Node, backward: set[Node]):
             break
         terms = _read_sum(expanded, xab, widened)
         if isinstance(terms, str):
-            why = terms
+            why = ON_A_4BIT_BASE if why == ON_A_4BIT_BASE or _has_4bit_term(expanded) else terms
             continue
         return node, terms
     raise NoMatch(f"DoRA: {why}")
+
+
+ON_A_4BIT_BASE = ("on a 4-bit base (bitsandbytes) DoRA is not rewritten yet: its sum scales the 4-bit product "
+                  "and its norm reads the dequantized weight, which no DoRA variant reads")
+
+
+def _has_4bit_term(p: poly.Poly) -> bool:
+    """Is a bitsandbytes 4-bit product (through PEFT's clone and bitsandbytes' cast) an atom of the sum?"""
+    from lora_rewrite.passes.match_quantized import quantized_base
+
+    return any(isinstance(f, Node) and quantized_base(f) is not None for mono in p for f in mono)
 
 
 def _read_sum(p: poly.Poly, xab: Node, casts: bool = False):

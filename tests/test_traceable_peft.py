@@ -111,9 +111,32 @@ def test_bitsandbytes_weights_go_to_peft(kind):
     if kind == "4bit":
         layer(torch.randn(2, 64))   # quantises on first use on the CPU backend
     assert traceable_peft.plain_weight(layer) is None
+    assert (traceable_peft.dequantized_4bit_weight(layer) is None) == (kind == "8bit")   # 8-bit: PEFT's own
     theirs = peft_function()(layer)
     ours = stand_in()(layer)
     assert ours.shape == (32, 64) and torch.equal(ours, theirs)
+
+
+def test_a_4bit_weight_is_dequantized_in_the_graph_with_no_break():
+    """PEFT's function tests a 4-bit weight's class name and, on a CPU, re-wraps the weight: Dynamo breaks
+    the graph at both. The stand-in dequantizes it as PEFT does, traced: PEFT's value, no break."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 32, bias=False)
+    layer = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu")
+    layer(torch.randn(2, 64))
+    expected = peft_function()(layer)
+
+    def reads_the_weight(x):
+        return x * peft_function()(layer).sum()
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    x = torch.ones(3)
+    assert torch.equal(torch.compile(reads_the_weight, backend="eager")(x), x * expected.sum())
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
 
 
 def test_the_stand_ins_are_registered_once_and_peft_modules_are_untouched():

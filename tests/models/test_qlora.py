@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from helpers import activation_bytes_saved_for_backward, randomize_adapters, step
-from model_builders import (LLAMA_MODULES, base_model, batch, batches, loss_and_grads, max_rel_err, rel_err,
-                            runlora, stock, train, trainable, twins)
+from model_builders import (LLAMA_MODULES, base_model, batch, batches, dynamo_counts, loss_and_grads, max_rel_err,
+                            rel_err, runlora, stock, train, trainable, twins)
 from lora_rewrite import debug
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -229,4 +229,30 @@ def test_dora_on_a_4bit_base_is_left_untouched_with_the_reason():
     model = get_peft_model(quantize_linears(OneLinear(32, 48), ["proj"]),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], use_dora=True))
     skipped = untouched_and_eager(model)
-    assert all(k.reason.startswith("DoRA: ") for k in skipped)
+    assert all(k.reason.startswith("DoRA: on a 4-bit base") for k in skipped)
+
+
+def test_dora_on_a_4bit_llama_is_one_graph_untouched_and_equals_eager():
+    """PEFT's DoRA layer dequantizes a 4-bit weight through a class-name test and (on a CPU) a re-wrap of the
+    weight, both graph breaks; the stand-in (lora_rewrite/traceable_peft.py) makes the model one graph with
+    no break, as plain QLoRA is. Every QDoRA site is then left untouched with the reason, the step equals
+    eager PEFT's, and stock Inductor compiles the same graphs."""
+    model = qlora_llama(use_dora=True)
+    eager_model, compiled_model, stock_model = twins(model, 3)
+    inputs = batch()
+    ref_loss, ref_grads = loss_and_grads(eager_model, eager_model, inputs)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with debug.collect_reports() as reports:
+        loss, grads = loss_and_grads(runlora(compiled_model), compiled_model, inputs)
+    runlora_counts = dynamo_counts()
+    assert runlora_counts == {"unique_graphs": 1, "graph_breaks": 0}
+    skipped = [k for r in reports for k in r.skipped]
+    assert sites(reports) == [] and len(skipped) == 2 * len(LLAMA_MODULES)
+    assert all(k.reason.startswith("DoRA: on a 4-bit base") for k in skipped)
+    assert rel_err(ref_loss, loss) <= 1e-5 and ref_grads.keys() == grads.keys()
+    assert max_rel_err(ref_grads, grads) <= 1e-4
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    loss_and_grads(stock(stock_model), stock_model, inputs)
+    assert dynamo_counts() == runlora_counts
