@@ -34,6 +34,7 @@ KNOWN_IMPLS = ("eager", "inductor", "inductor-again", "runlora", "frozen", "indu
 # should cost.
 DORA_DEFAULT_IMPLS = ("eager", "inductor-breaks", "inductor", "runlora", "inductor-lora", "runlora-lora", "frozen")
 AUTOCAST_SUFFIX = " autocast(bf16)"   # a case title's mark for --autocast
+CHECKPOINTING_SUFFIX = " checkpointed"   # a case title's mark for --gradient-checkpointing
 LORA_SUFFIX = "-lora"   # an implementation run on the plain-LoRA twin of a --dora model
 # runlora-<criterion>-unfused: runlora with fuse_siblings off, to time the sibling fusion by itself.
 UNFUSED_SUFFIX = "-unfused"
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="default fp32")
     how.add_argument("--autocast", action="store_true", help="every implementation's forward under "
                      "torch.autocast(bfloat16), as Trainer(bf16=True) runs it (the frozen floor's too)")
+    how.add_argument("--gradient-checkpointing", action="store_true",
+                     help="model mode: transformers' gradient checkpointing (use_reentrant=False) on every "
+                     "implementation's model, the frozen floor's too")
     how.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     how.add_argument("--threads", type=int, default=None, help="CPU threads (default: every available core)")
     how.add_argument("--rounds", type=int, default=PROTOCOL_MIN_ROUNDS,
@@ -143,6 +147,13 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("give -m/--model_name_or_config, or --layer")
     if args.layer and args.out and args.out.isdigit():
         parser.error(f"-o/--out is the output prefix; out-features are --out-features (got --out {args.out})")
+    if args.gradient_checkpointing and args.layer:
+        parser.error("--gradient-checkpointing checkpoints a model's decoder layers: give -m, not --layer")
+    if args.gradient_checkpointing and "inductor-breaks" in args.impls:
+        # Its graph breaks inside checkpointed regions make Dynamo give up frames that the implementations
+        # after it then run apart (measured: runlora then compiled one decoder layer at a time).
+        parser.error("inductor-breaks cannot run with --gradient-checkpointing (its breaks inside checkpointed "
+                     "regions change how Dynamo traces every implementation after it); leave it out")
     if args.stack < 1 or args.siblings < 1:
         parser.error("--stack and --siblings must be >= 1")
     if args.stack > 1 and args.siblings > 1:
@@ -241,6 +252,10 @@ def model_case(args, device, dtype, extra_options, on_step):
     if lora_twin is not None:
         lora_twin = models.add_lora(lora_twin, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                     target_modules=targets, fp32_adapters=args.fp32_adapters, seed=args.seed)
+    if args.gradient_checkpointing:
+        for model in (frozen, peft_model, lora_twin):
+            if model is not None:
+                models.enable_gradient_checkpointing(model)
     inputs = models.make_model_inputs(spec, batch, seq_len, device, seed=args.seed, frozen_model=frozen)
     impls = []
     for name in names:
@@ -255,14 +270,16 @@ def model_case(args, device, dtype, extra_options, on_step):
             is_runlora = name.startswith("runlora")
         step = measure.under_autocast(step, device) if args.autocast else step
         impls.append(measure.Implementation(name, step, module, runlora=is_runlora))
-    title = f"{spec.name} b={batch} s={seq_len} r={args.lora_r} {args.dtype}{AUTOCAST_SUFFIX if args.autocast else ''}"
+    title = (f"{spec.name} b={batch} s={seq_len} r={args.lora_r} {args.dtype}{AUTOCAST_SUFFIX if args.autocast else ''}"
+             f"{CHECKPOINTING_SUFFIX if args.gradient_checkpointing else ''}")
     n_params = sum(p.numel() for p in frozen.parameters())
     n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     settings = {"mode": "model", "model": spec.name, "family": spec.family, "head": spec.head,
                 "config_source": spec.source, "batch": batch, "seq_len": seq_len, "tokens": batch * seq_len,
                 "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
                 "dtype": args.dtype, "fp32_adapters": args.fp32_adapters, "dora": args.dora, "4bit": args.bits4,
-                "autocast": args.autocast, "target_modules": targets,
+                "autocast": args.autocast, "gradient_checkpointing": args.gradient_checkpointing,
+                "target_modules": targets,
                 "lora_sites": models.count_lora_sites(peft_model), "parameters": n_params,
                 "trainable_parameters": n_trainable,
                 "attn_implementation": getattr(frozen.config, "_attn_implementation", None),

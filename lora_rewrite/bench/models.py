@@ -235,6 +235,12 @@ def dora_graph_breaks():
         dora.dequantize_module_weight = original
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """transformers' gradient checkpointing, non-reentrant (its default), on a model or a PEFT model."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+
 def with_dora_graph_breaks(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     def forward_loss():
         with dora_graph_breaks():

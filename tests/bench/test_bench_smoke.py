@@ -100,6 +100,30 @@ def test_autocast_runs_every_forward_under_bf16_autocast(tmp_path, capsys):
     assert all(k.startswith("dora-forward1/") for k in rows["runlora-flops"]["variants"]["choices"])
 
 
+def test_gradient_checkpointing_checkpoints_every_model_and_dora_is_rewritten_inside(tmp_path, capsys):
+    """--gradient-checkpointing: the case is marked, its settings say so, and runlora rewrites every DoRA
+    site of the checkpointed decoder layers — which it can only when they are traced (PEFT's cache clear
+    has its stand-in) and only finds there when checkpointing is really on (a tag_activation_checkpoint
+    region). A single layer has no decoder layers to checkpoint, and inductor-breaks would change how
+    Dynamo traces the implementations after it: both refused."""
+    prefix = tmp_path / "checkpointed"
+    assert main(["-m", "tiny-llama", "--n_batch", "1", "--seq_len", "8", "-r", "4", "--dora",
+                 "--gradient-checkpointing", "--impls", "inductor", "runlora-flops", "frozen",
+                 "-o", str(prefix), *SMOKE]) == 0
+    assert "**tiny-llama b=1 s=8 r=4 fp32 checkpointed**" in capsys.readouterr().out
+    _, data = _read_outputs(prefix)
+    (case,) = data["cases"]
+    assert case["settings"]["gradient_checkpointing"] is True
+    rows = {r["implementation"]: r for r in case["rows"]}
+    assert rows["runlora-flops"]["sites_rewritten"] == case["settings"]["lora_sites"] > 0
+    with pytest.raises(SystemExit):
+        main(["--layer", "--in", "32", "--tokens", "64", "--rank", "4", "--gradient-checkpointing", *SMOKE])
+    assert "--gradient-checkpointing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["-m", "tiny-llama", "--dora", "--gradient-checkpointing", "--impls", "inductor-breaks", *SMOKE])
+    assert "inductor-breaks cannot run with --gradient-checkpointing" in capsys.readouterr().err
+
+
 def test_protocol_minimums_are_the_defaults_and_enforced(capsys):
     args = build_parser().parse_args(["-m", "tiny-llama"])
     assert args.rounds >= PROTOCOL_MIN_ROUNDS >= 11
