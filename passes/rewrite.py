@@ -39,9 +39,14 @@ from lora_rewrite.passes.site import Site
 
 aten = torch.ops.aten
 
-# Node metadata carried over from the node a new node stands in for.
+# Node metadata carried over from the node a new node stands in for. "recompute" and "ac_graph_id" are
+# activation checkpointing's tags (torch.utils.checkpoint under torch.compile): the partitioner recomputes
+# a tagged region in the backward and saves only its inputs. A new node without them would be saved like
+# any other, and a checkpointed model would hold more for backward than stock Inductor's (measured before
+# this: 3× on a tiny Llama, 1300 MB against 580 MB on Llama-60m with DoRA).
 COPIED_META = ("stack_trace", "nn_module_stack", "fwd_nn_module_stack", "source_fn_stack",
-               "fwd_source_fn_stack", "seq_nr", "partitioner_tag", "autograd_backward", "from_node")
+               "fwd_source_fn_stack", "seq_nr", "partitioner_tag", "autograd_backward", "from_node",
+               "recompute", "ac_graph_id")
 
 
 class RewriteError(Exception):
