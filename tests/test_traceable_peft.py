@@ -64,18 +64,23 @@ def test_under_dynamo_every_weight_type_gives_peft_s_value(kind):
     layer = HqqLike() if kind == "hqq" else nn.Linear(8, 4)
     if kind == "torchao":
         layer.weight = nn.Parameter(torch.ones(4, 8).as_subclass(TorchaoLikeTensor), requires_grad=False)
-    expected = peft_function()(layer)
+    expected, got, breaks = traced_through_peft_function(layer)
+    assert torch.equal(got, expected)
+    assert (breaks > 0) == (kind == "torchao")
+
+
+def traced_through_peft_function(layer):
+    """(eager value, value under Dynamo, graph breaks) of a function reading PEFT's dequantized weight."""
+    x = torch.ones(3)
+    expected = x * peft_function()(layer).sum()
 
     def reads_the_weight(x):
         return x * peft_function()(layer).sum()
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    x = torch.ones(3)
     got = torch.compile(reads_the_weight, backend="eager")(x)
-    assert torch.equal(got, x * expected.sum())
-    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
-    assert (breaks > 0) == (kind == "torchao")
+    return expected, got, sum(torch._dynamo.utils.counters["graph_break"].values())
 
 
 class TorchaoLikeTensor(torch.Tensor):
@@ -127,16 +132,8 @@ def test_a_4bit_weight_is_dequantized_in_the_graph_with_no_break():
     layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
     layer = layer.to("cpu")
     layer(torch.randn(2, 64))
-    expected = peft_function()(layer)
-
-    def reads_the_weight(x):
-        return x * peft_function()(layer).sum()
-
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    x = torch.ones(3)
-    assert torch.equal(torch.compile(reads_the_weight, backend="eager")(x), x * expected.sum())
-    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
+    expected, got, breaks = traced_through_peft_function(layer)
+    assert torch.equal(got, expected) and breaks == 0
 
 
 def test_the_stand_ins_are_registered_once_and_peft_modules_are_untouched():
