@@ -163,6 +163,13 @@ def test_the_qlora_recipe_bf16_compute_with_fp32_adapters(gradient_checkpointing
     assert rel_err(loss_ref, loss) <= 1e-2 and max_rel_err(grads_ref, grads) <= 5e-2
     assert len(sites(reports)) == 7 and all(s.backward is not None for s in sites(reports))
     assert not [k for r in reports for k in r.skipped]
+    # Saved for backward: no more than stock Inductor's, under checkpointing too (the rewrite's nodes carry
+    # the checkpointed region's tags).
+    inputs = batch()
+    stock_model = twins(model)[0]
+    compiled, stock_compiled = runlora(compiled_model), stock(stock_model)
+    saved = activation_bytes_saved_for_backward(compiled_model, lambda: compiled(**inputs).loss)
+    assert saved <= activation_bytes_saved_for_backward(stock_model, lambda: stock_compiled(**inputs).loss)
 
 
 def test_several_adapters_disable_adapter_and_inference():
