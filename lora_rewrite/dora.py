@@ -79,6 +79,8 @@ class DoraForwardOperands:
     trains: bool = False   # the graph has the site's backward: dm will need P
     base_x: Any = None
     sum_dtype: Any = None  # torch.autocast: the products in x's dtype, P and Y in this wider one (None: x's)
+    base_product: Any = None  # X·Wᵀ [N,o] as the model computed it, where it cannot be recomputed from w_io
+                              # (a 4-bit base: w_io is None, its product's bias taken out)
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,9 @@ def dora_forward1(ops, p: DoraForwardOperands) -> DoraForwardResult:
     Y = (X·Wᵀ + b) + mns ⊙ P − X̃·Wᵀ. P is kept for dm."""
     norm, mns, _ = magnitude_scale(ops, p)
     o = ops.size(p.b, 0)
-    if p.dropout_product is None:            # X·Wᵀ without the bias, in the base's dtype, then the adapter's
+    if p.base_product is not None:           # a 4-bit base: its product as bitsandbytes computed it
+        base = p.base_product
+    elif p.dropout_product is None:          # X·Wᵀ without the bias, in the base's dtype, then the adapter's
         base = ops.cast(ops.mm(p.x if p.base_x is None else p.base_x, p.w_io), ops.dtype_of(p.x))
     else:
         base = p.dropout_product             # the model's X̃·Wᵀ

@@ -30,6 +30,7 @@ from lora_rewrite.passes import poly
 from lora_rewrite.passes.fx import (ADDMM, CASTS, MM, MUL, VIEWS, WEIGHT_OPS, dtype, is_call, is_matrix, is_weight,
                                     prims, same_rows, same_shape, same_size, same_value, shape, strip_layout,
                                     transpose_source)
+from lora_rewrite.passes.match_quantized import is_dequantized_weight_of, product_bias, quantized_base
 from lora_rewrite.passes.provenance import provenance_of
 from lora_rewrite.passes.site import DoraChain, ForwardChain, Gradients, LinearBase, NoMatch, Site
 
@@ -69,12 +70,21 @@ def match_dora_site(anchor: Node, backward: set[Node]) -> Site:
         raise NoMatch("DoRA: A's shape does not match X's features statically")
     xab, b, o = match_adapter_product(anchor, backward, r)
     out, terms = _dora_sum(xab, backward)
-    mns, scale, linear, bias, dropout_product = terms
+    mns, scale, linear, bias, dropout_product, quantized = terms
     magnitude, norm = mns.args
-    norm_weight, (norm_reduce_dtype, norm_out_dtype), norm_nodes = _match_norm(norm, linear, a, b, scale, o, i)
-    upcast_base, sum_dtype = _check_dtypes(xab, linear, mns, out, dropout_product)
-    if dropout_product is None and not (same_rows(linear.x, x) or upcast_base and _is_upcast_of(x, linear.x)
-                                        or sum_dtype is not None and _same_values_through_casts(x, linear.x)):
+    if quantized is None:
+        base, base_x = linear.node, linear.x
+        is_base_weight = lambda node: _is_base_weight(node, linear)  # noqa: E731
+    else:
+        base, base_x = quantized.product, quantized.x
+        is_base_weight = lambda node: is_dequantized_weight_of(node, quantized)  # noqa: E731
+    norm_weight, (norm_reduce_dtype, norm_out_dtype), norm_nodes = _match_norm(norm, is_base_weight, a, b, scale,
+                                                                               o, i)
+    upcast_base, sum_dtype = _check_dtypes(xab, base, mns, out, dropout_product)
+    if quantized is not None and (upcast_base or sum_dtype is not None):
+        raise NoMatch(f"DoRA: {ON_A_4BIT_BASE_MIXED}")
+    if dropout_product is None and not (same_rows(base_x, x) or upcast_base and _is_upcast_of(x, base_x)
+                                        or sum_dtype is not None and _same_values_through_casts(x, base_x)):
         raise NoMatch("DoRA: the adapter's input is not provably the base's input")
     if dropout_product is not None and not same_rows(dropout_product.args[0], x):
         raise NoMatch("DoRA: the second base product does not read the adapter's input")
@@ -87,17 +97,22 @@ def match_dora_site(anchor: Node, backward: set[Node]) -> Site:
         if not (is_call(view, *VIEWS) and same_shape(shape(view), shape(out))):
             raise NoMatch("DoRA: the output's shape could not be read from the graph's views")
         out_shape_args = view.args[1]
-    forward = ForwardChain(x=x, a=a, b=b, scale=scale, out=out, base=linear.node, base2d=linear.node,
+    base2d = base if len(shape(base)) == 2 else None
+    forward = ForwardChain(x=x, a=a, b=b, scale=scale, out=out, base=base, base2d=base2d,
                            out_shape_args=out_shape_args, n_arg=n_arg, linear=linear, sizes=(n, i, o, r),
-                           dtype=dtype(xab), base_dtype=dtype(linear.node), nodes=(anchor, xab, out))
+                           dtype=dtype(xab), base_dtype=dtype(base), nodes=(anchor, xab, out), quantized=quantized)
     gradients, grad_m = None, None
     if backward:
         g_of = _scaled_output_gradient(mns, scale, cast_from=sum_dtype)
         gradients = adapter_gradients(anchor, forward, backward, g_of, dy_dtype=sum_dtype)
-        if gradients.grad_x_lora is not None:
+        if gradients.grad_x_lora is not None and quantized is not None and dropout_product is None:
+            # the 4-bit base's own dX product, (mns ⊙ dY)·dequantize_4bit(W), stays as bitsandbytes computes
+            # it, reading the new mns: only the adapter's dX_a is replaced (DxMode.LORA)
+            gradients = _with_dx_sum(gradients, None)
+        elif gradients.grad_x_lora is not None:
             gradient_product = dropout_product if dropout_product is not None else linear.node
             scale_of_base = _base_output_gradient(mns, minus_one=dropout_product is not None)
-            dx_sum = input_grad_sum(gradients.grad_x_lora, _as_linear(gradient_product, linear),
+            dx_sum = input_grad_sum(gradients.grad_x_lora, _as_linear(gradient_product, linear, quantized),
                                     lambda gb: scale_of_base(gb, gradients.dy), o)
             if dx_sum is None and not (upcast_base or sum_dtype is not None):
                 raise NoMatch("DoRA: the base's input gradient was not found in the same sum as the adapter's")
@@ -111,12 +126,13 @@ def match_dora_site(anchor: Node, backward: set[Node]) -> Site:
     dora = DoraChain(magnitude=magnitude, mns=mns, norm=norm, norm_weight=norm_weight,
                      norm_reduce_dtype=norm_reduce_dtype, norm_out_dtype=norm_out_dtype,
                      dropout_product=dropout_product,
-                     dropout_weight_io=_linear_of(dropout_product, None).w_io if dropout_product is not None else None,
-                     grad_m=grad_m, nodes=tuple(norm_nodes))
+                     dropout_weight_io=_as_linear(dropout_product, linear, quantized).w_io
+                     if dropout_product is not None else None,
+                     grad_m=grad_m, nodes=tuple(norm_nodes), base_bias=bias if quantized is not None else None)
     needs_dx = gradients is not None and gradients.grad_x_lora is not None
     facts = SiteFacts(
-        plain_linear_base=True, adapter_dtype=dtype(xab), base_dtype=dtype(linear.node),
-        weight_dtype=dtype(linear.w_io), dropout=dropout_product is not None or find_dropout(x, linear.node),
+        plain_linear_base=quantized is None, adapter_dtype=dtype(xab), base_dtype=dtype(base),
+        weight_dtype=dtype(linear.w_io) if linear is not None else None, dropout=dropout_product is not None or find_dropout(x, base),
         adapter_reads_base_input=dropout_product is None, base_used_elsewhere=False, needs_dx=needs_dx,
         dx_sum_found=gradients is not None and gradients.dx_sum is not None, dora=True, trains=bool(backward),
         sum_dtype=sum_dtype)
@@ -124,7 +140,7 @@ def match_dora_site(anchor: Node, backward: set[Node]) -> Site:
                 backward_note="", dims=Dims(n, i, o, r, needs_dx=needs_dx), facts=facts, dora=dora)
 
 
-def _check_dtypes(xab: Node, linear: LinearBase, mns: Node, out: Node,
+def _check_dtypes(xab: Node, base: Node, mns: Node, out: Node,
                   dropout_product: Node | None) -> tuple[bool, torch.dtype | None]:
     """(is the base result upcast into the adapter's sum, the sum's dtype where wider than the products').
 
@@ -136,13 +152,13 @@ def _check_dtypes(xab: Node, linear: LinearBase, mns: Node, out: Node,
       is fp32 by type promotion: (False, fp32)."""
     adapter = dtype(xab)
     if dtype(mns) == dtype(out) == torch.float32 and adapter in (torch.float16, torch.bfloat16) \
-            and dtype(linear.node) == adapter and (dropout_product is None or dtype(dropout_product) == adapter):
+            and dtype(base) == adapter and (dropout_product is None or dtype(dropout_product) == adapter):
         return False, torch.float32
     if dtype(mns) != adapter or dtype(out) != adapter:
         raise NoMatch(f"DoRA: the sum mixes dtypes (adapter {adapter}, magnitude {dtype(mns)}, sum "
                       f"{dtype(out)}): only a sum in the adapter's dtype, or an fp32 sum of 16-bit products "
                       "(torch.autocast), is rewritten")
-    base = dtype(linear.node)
+    base = dtype(base)
     if base == adapter:
         return False, None
     if not (adapter == torch.float32 and base in (torch.float16, torch.bfloat16)):
@@ -227,14 +243,14 @@ def _dora_sum(xab: Node, backward: set[Node]):
     raise NoMatch(f"DoRA: {why}")
 
 
-ON_A_4BIT_BASE = ("on a 4-bit base (bitsandbytes) DoRA is not rewritten yet: its sum scales the 4-bit product "
-                  "and its norm reads the dequantized weight, which no DoRA variant reads")
+ON_A_4BIT_BASE = ("on a 4-bit base (bitsandbytes) the sum is not PEFT's DoRA sum on a Linear4bit (mns scaling "
+                  "the 4-bit product less its bias, or with lora_dropout a product of its dequantized weight)")
+ON_A_4BIT_BASE_MIXED = ("on a 4-bit base (bitsandbytes) DoRA is rewritten only where the base computes in the "
+                        "adapter's dtype: here the base and the adapter (or torch.autocast's sum) differ")
 
 
 def _has_4bit_term(p: poly.Poly) -> bool:
     """Is a bitsandbytes 4-bit product (through PEFT's clone and bitsandbytes' cast) an atom of the sum?"""
-    from lora_rewrite.passes.match_quantized import quantized_base
-
     return any(isinstance(f, Node) and quantized_base(f) is not None for mono in p for f in mono)
 
 
@@ -258,6 +274,10 @@ def _read_sum(p: poly.Poly, xab: Node, casts: bool = False):
         return "the adapter term's scale is not a number or a 0-d tensor"
     scaled = {m: c for m, c in p.items() if mns in m and m != mono}
     plain = {m: c for m, c in p.items() if mns not in m}
+    four_bit = _read_4bit_terms(scaled, plain, mns, casts)
+    if four_bit is not None:
+        quantized, bias, second = four_bit
+        return mns, scale, None, bias, second, quantized
     if len(scaled) != 1:
         return "the magnitude scales more than the adapter and one base product"
     (scaled_mono, c1), = scaled.items()
@@ -275,7 +295,7 @@ def _read_sum(p: poly.Poly, xab: Node, casts: bool = False):
                 return "the term outside the magnitude is not the base's bias"
         elif product_bias is not None:
             return "the base's bias is scaled by the magnitude"
-        return mns, scale, _linear_of(product_node, product_bias), product_bias, None
+        return mns, scale, _linear_of(product_node, product_bias), product_bias, None, None
     # with dropout: X·Wᵀ + b + mns·(X̃·Wᵀ) − X̃·Wᵀ
     if product_bias is not None or plain.get((product,)) != -1.0:
         return "the second base product is not subtracted once"
@@ -295,7 +315,52 @@ def _read_sum(p: poly.Poly, xab: Node, casts: bool = False):
     second = _linear_of(product_node, None)
     if linear is None or second is None or _weight_read(second.w_io) != _weight_read(linear.w_io):
         return "the second product does not read the base's weight"
-    return mns, scale, linear, base_bias, product_node
+    return mns, scale, linear, base_bias, product_node, None
+
+
+def _read_4bit_terms(scaled: poly.Poly, plain: poly.Poly, mns: Node, casts: bool):
+    """(the QuantizedBase, its bias or None, the second base product or None) when the sum is PEFT's DoRA sum
+    on a bitsandbytes Linear4bit, else None:
+
+    - without dropout, out = Q + (mns − 1)·(Q − b) + s·mns·lora = mns·Q − mns·b + b + …: the 4-bit product Q
+      adds its bias inside itself, PEFT subtracts it before scaling;
+    - with dropout, out = Q + (mns − 1)·(X̃·W_deqᵀ) + …: PEFT's second base product is a plain product of
+      the dequantized weight (the same packed weight as Q's)."""
+    candidates = {f for m in scaled for f in m if f is not mns and isinstance(f, Node) and quantized_base(f) is not None}
+    if not candidates:
+        return _read_4bit_dropout_terms(scaled, plain, mns)
+    if len(candidates) != 1:
+        return None
+    (q,) = candidates
+    quantized = quantized_base(q)
+    bias = product_bias(quantized)
+    expected_scaled, expected_plain = {poly.monomial(mns, q): 1.0}, {}
+    if bias is not None:
+        b = poly.atom(bias, casts)
+        expected_scaled[poly.monomial(mns, b)] = -1.0
+        expected_plain[poly.monomial(b)] = 1.0
+    if poly.same_poly(scaled, expected_scaled) and poly.same_poly(plain, expected_plain):
+        return quantized, bias, None
+    return None
+
+
+def _read_4bit_dropout_terms(scaled: poly.Poly, plain: poly.Poly, mns: Node):
+    """(the QuantizedBase, None, X̃·W_deqᵀ) for out = Q + mns·(X̃·W_deqᵀ) − X̃·W_deqᵀ + …, else None."""
+    if len(scaled) != 1 or len(plain) != 2:
+        return None
+    ((mono, c),) = scaled.items()
+    second = [f for f in mono if f is not mns]
+    if c != 1.0 or len(mono) != 2 or len(second) != 1 or not is_call(second[0], MM):
+        return None
+    second = second[0]
+    bases = [m[0] for m, c in plain.items() if len(m) == 1 and c == 1.0 and isinstance(m[0], Node)]
+    quantized = quantized_base(bases[0]) if len(bases) == 1 else None
+    if quantized is None or not poly.same_poly(plain, {poly.monomial(bases[0]): 1.0, poly.monomial(second): -1.0}):
+        return None
+    w_io = second.args[1]
+    if transpose_source(w_io) is None or not is_dequantized_weight_of(transpose_source(w_io), quantized):
+        return None
+    return quantized, None, second
 
 
 def _weight_read(w_io: Any) -> tuple:
@@ -329,8 +394,14 @@ def _linear_of(product: Node, bias: Node | None) -> LinearBase | None:
     return LinearBase(product, x, w_io, bias)
 
 
-def _as_linear(product: Node, linear: LinearBase) -> LinearBase:
-    return linear if product is linear.node else _linear_of(product, None)
+def _as_linear(product: Node, linear: LinearBase | None, quantized=None) -> LinearBase:
+    """The product as LinearBase: the base's own, or the second base product (with dropout) — on a 4-bit
+    base a product of the dequantized weight (established by `_read_4bit_dropout_terms`)."""
+    if linear is not None and product is linear.node:
+        return linear
+    if quantized is not None:
+        return LinearBase(product, product.args[0], product.args[1], None)
+    return _linear_of(product, None)
 
 
 # --- the norm --------------------------------------------------------------------------------------------
@@ -361,10 +432,11 @@ def _is_arange(node: Any) -> bool:
     return node.kwargs.get("start", 0) == 0 and node.kwargs.get("step", 1) == 1
 
 
-def _match_norm(norm: Node, linear: LinearBase, a: Node, b: Node, scale: Any, o: int, i: int):
+def _match_norm(norm: Node, is_base_weight: Callable[[Any], bool], a: Node, b: Node, scale: Any, o: int, i: int):
     """(W as the norm reads it, (the dtype its squares are summed in, the norm's output dtype), the nodes
     of PEFT's norm): norm must be
-    sqrt(Σ_rows (W + s·B·A)²) with W the base's weight and B·A built from this site's A and B."""
+    sqrt(Σ_rows (W + s·B·A)²) with W the base's weight (`is_base_weight`: the linear's weight, or a 4-bit
+    base's dequantized weight) and B·A built from this site's A and B."""
     out_dtype = dtype(norm)
     root = strip_casts(norm)
     radicand = None
@@ -386,7 +458,7 @@ def _match_norm(norm: Node, linear: LinearBase, a: Node, b: Node, scale: Any, o:
     p = poly.expand(merged)
     if p is None or len(p) != 2:
         raise NoMatch("DoRA: the norm's weight is not W + s·B·A")
-    weight_term = [m[0] for m, c in p.items() if len(m) == 1 and c == 1.0 and _is_base_weight(m[0], linear)]
+    weight_term = [m[0] for m, c in p.items() if len(m) == 1 and c == 1.0 and is_base_weight(m[0])]
     if len(weight_term) != 1:
         raise NoMatch("DoRA: the norm does not read the base layer's weight")
     lora_terms = [(m, c) for m, c in p.items() if m != (weight_term[0],)]

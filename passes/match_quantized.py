@@ -99,3 +99,29 @@ def _packed_source(node):
     return node
 
 
+
+
+def product_bias(q: QuantizedBase) -> Node | None:
+    """The bias the 4-bit product adds inside itself (gemm_4bit's `bias`), or None."""
+    gemm = q.product
+    while is_call(gemm, *CASTS):
+        gemm = gemm.args[0]
+    bias = gemm.args[6] if len(gemm.args) > 6 else gemm.kwargs.get("bias")
+    return bias if isinstance(bias, Node) else None
+
+
+def is_dequantized_weight_of(node, q: QuantizedBase) -> bool:
+    """Is node (through casts) dequantize_4bit of the packed weight the 4-bit product reads — the same
+    packed bytes, block size, quant type and [o,i] shape — as PEFT's DoRA reads it (for its norm, and with
+    dropout for its second base product)?"""
+    dequantize = _bnb_op("dequantize_4bit")
+    while is_call(node, *CASTS):
+        node = node.args[0]
+    if dequantize is None or not is_call(node, dequantize):
+        return False
+    gemm = q.product
+    while is_call(gemm, *CASTS):
+        gemm = gemm.args[0]
+    _, _, block_size, quant_type, weight_shape, _ = node.args
+    return _packed_source(node.args[0]) is _packed_source(q.packed) and block_size == gemm.args[4] \
+        and quant_type == gemm.args[5] and list(weight_shape) == list(gemm.args[2])

@@ -41,13 +41,17 @@ def _build_forward(ops: GraphOps, site: Site, variant: Variant) -> tuple:
     lin = chain.linear
     with ops.like(chain.out):
         base_full = chain.base2d if chain.base2d is not None else matrix_2d(ops, chain.base, chain.n_arg, site.dims.o)
+        base_product = None
+        if lin is None and dora.dropout_product is None:   # a 4-bit base: its product reused, its bias taken out
+            base_product = base_full if dora.base_bias is None else ops.sub(base_full, dora.base_bias)
         operands = DoraForwardOperands(
             x=chain.x, a=chain.a, b=chain.b, s=chain.scale, m=dora.magnitude, norm_weight=dora.norm_weight,
             norm_dtype=dtype(dora.norm_weight), norm_out_dtype=dora.norm_out_dtype,
-            norm_reduce_dtype=dora.norm_reduce_dtype, w_io=lin.w_io,
-            bias=lin.bias, base_full=base_full, dropout_product=dora.dropout_product, trains=site.backward is not None,
-            base_x=lin.x if site.facts.base_dtype != site.facts.adapter_dtype else None,
-            sum_dtype=site.facts.sum_dtype)
+            norm_reduce_dtype=dora.norm_reduce_dtype, w_io=lin.w_io if lin is not None else None,
+            bias=lin.bias if lin is not None else dora.base_bias, base_full=base_full,
+            dropout_product=dora.dropout_product, trains=site.backward is not None,
+            base_x=lin.x if lin is not None and site.facts.base_dtype != site.facts.adapter_dtype else None,
+            sum_dtype=site.facts.sum_dtype, base_product=base_product)
         result = variant.compute(ops, operands)
         y = result.y
         if chain.out_shape_args is not None:

@@ -124,6 +124,7 @@ class DoraChain:
     dropout_weight_io: Node | None  # that product's Wᵀ [i,o] (W cast to the adapter's dtype where it is wider)
     grad_m: Node | None          # dm as autograd computes it (None: m needs no gradient, or inference)
     nodes: tuple[Node, ...]      # the old nodes of the norm and the sum
+    base_bias: Node | None = None  # a 4-bit base's bias, added inside its product (ForwardChain.quantized)
 
 
 @dataclass(frozen=True)

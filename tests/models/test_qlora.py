@@ -227,23 +227,89 @@ def test_an_8bit_base_is_left_untouched_with_the_reason():
     assert all("not a plain linear" in k.reason for k in skipped)
 
 
-def test_dora_on_a_4bit_base_is_left_untouched_with_the_reason():
-    """QDoRA (DoRA on a 4-bit base: PEFT dequantizes the whole weight for the norm every step) is not
-    rewritten yet: left as stock Inductor compiles it, the reason in the report, the step eager's."""
+def qdora_linear(bias=True, dropout=0.0):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model = get_peft_model(quantize_linears(OneLinear(32, 48), ["proj"]),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], use_dora=True))
-    skipped = untouched_and_eager(model)
-    assert all(k.reason.startswith("DoRA: on a 4-bit base") for k in skipped)
+    model = get_peft_model(quantize_linears(OneLinear(32, 48, bias), ["proj"]),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], use_dora=True,
+                                      lora_dropout=dropout))
+    randomize_adapters(model)
+    return model
 
 
-def test_dora_on_a_4bit_llama_is_one_graph_untouched_and_equals_eager():
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_4bit_dora_site_matches_eager_and_float64_in_every_unmerged_variant_and_form(bias):
+    """QDoRA (DoRA on a 4-bit base): P = Q − b + s·(X·Aᵀ)·Bᵀ from the 4-bit product Q as bitsandbytes
+    computed it (its bias taken out), the norm from the dequantized weight PEFT's DoRA reads, dm from P.
+    Every unmerged backward and product form gives eager PEFT's values and a float64 DoRA model on the
+    dequantized weight's; the merged ones are illegal on a quantized base, and the report says so."""
+    from lora_rewrite.forms import ROLES
+
+    model = qdora_linear(bias)
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    grad_out = torch.randn(3, 5, 48)
+    y_ref, dx_ref, g_ref = step(model, x, grad_out)
+    reference = dequantized_twin(model).double()
+    y64, dx64, g64 = step(reference, x.double().detach().requires_grad_(), grad_out.double())
+    assert "base_model.model.proj.lora_magnitude_vector.default.weight" in g_ref
+    for backward in UNMERGED_BACKWARDS:
+        for forms in ("direct", {role.name: role.forms[1] for role in ROLES}):
+            torch._dynamo.reset()
+            with debug.collect_reports() as reports:
+                y, dx, grads = step(runlora(model, forward="forward2", backward=backward, forms=forms), x, grad_out)
+            (site,) = sites(reports)
+            assert (site.kind, site.forward, site.backward) == ("dora", "dora-forward1", f"dora-{backward}")
+            assert site.dx_mode == "lora"   # bitsandbytes' own dX product stays; the adapter's dX_a is replaced
+            assert any("quantized base" in note for note in site.notes)   # forward2 forced: illegal, said so
+            for what, eager, ref64, ours in [("Y", y_ref, y64, y), ("dX", dx_ref, dx64, dx)] + \
+                    [(n, g_ref[n], g64[n], grads[n]) for n in g_ref]:
+                assert rel_err(eager, ours) <= 2e-6, (backward, what)
+                assert rel_err(ref64, ours) <= 2e-6, (backward, what)
+
+
+def test_a_4bit_dora_site_saves_less_than_stock_inductor_and_never_x_a():
+    """What autograd saves for a QDoRA layer: stock Inductor keeps the base result and the adapter's result
+    ([N,o] each, for dm) and X·Aᵀ; the rewrite keeps P (one [N,o]) and never X·Aᵀ."""
+    model = qdora_linear(bias=True)
+    x = torch.randn(4, 16, 32)
+    n, o, r = 64, 48, 4
+    torch._dynamo.reset()
+    stock_bytes = activation_bytes_saved_for_backward(model, lambda: stock(model)(x.clone().requires_grad_()))
+    torch._dynamo.reset()
+    with debug.collect_reports() as reports:
+        ours = activation_bytes_saved_for_backward(model, lambda: runlora(model)(x.clone().requires_grad_()))
+    assert len(sites(reports)) == 1
+    assert stock_bytes - ours >= (n * o + n * r) * x.element_size()
+
+
+@pytest.mark.parametrize("backward", UNMERGED_BACKWARDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_4bit_dora_site_with_dropout_equals_eager_with_the_same_masks(backward, bias):
+    """With lora_dropout PEFT's QDoRA adds a second base product, X̃·W_deqᵀ of the dequantized weight:
+    P = X̃·W_deqᵀ + s·(X̃·Aᵀ)·Bᵀ, Y = Q + mns ⊙ P − X̃·W_deqᵀ, and X̃'s input gradient becomes one sum
+    (DxMode.TOTAL) while bitsandbytes' dX of Q stays. The step equals eager PEFT's with the same masks."""
+    model = qdora_linear(bias=bias, dropout=0.25)
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    grad_out = torch.randn(3, 5, 48)
+    torch.manual_seed(1)
+    y_ref, dx_ref, g_ref = step(model, x, grad_out)
+    with debug.collect_reports() as reports:
+        compiled = runlora(model, backward=backward, fallback_random=True)
+        torch.manual_seed(1)
+        y, dx, grads = step(compiled, x, grad_out)
+    (site,) = sites(reports)
+    assert (site.kind, site.dropout, site.forward, site.backward) == ("dora", True, "dora-forward1", f"dora-{backward}")
+    assert site.dx_mode == "total"
+    for what, ref, ours in [("Y", y_ref, y), ("dX", dx_ref, dx)] + [(n, g_ref[n], grads[n]) for n in g_ref]:
+        assert rel_err(ref, ours) <= 2e-6, what
+
+
+def test_dora_on_a_4bit_llama_is_one_graph_with_every_site_rewritten_and_equals_eager():
     """PEFT's DoRA layer dequantizes a 4-bit weight through a class-name test and (on a CPU) a re-wrap of the
     weight, both graph breaks; the stand-in (lora_rewrite/traceable_peft.py) makes the model one graph with
-    no break, as plain QLoRA is. Every QDoRA site is then left untouched with the reason, the step equals
-    eager PEFT's, and stock Inductor compiles the same graphs."""
+    no break, as plain QLoRA is. Every QDoRA site is then rewritten, forward and backward, the step equals
+    eager PEFT's, and stock Inductor compiles the same number of graphs."""
     model = qlora_llama(use_dora=True)
     eager_model, compiled_model, stock_model = twins(model, 3)
     inputs = batch()
@@ -254,12 +320,26 @@ def test_dora_on_a_4bit_llama_is_one_graph_untouched_and_equals_eager():
         loss, grads = loss_and_grads(runlora(compiled_model), compiled_model, inputs)
     runlora_counts = dynamo_counts()
     assert runlora_counts == {"unique_graphs": 1, "graph_breaks": 0}
-    skipped = [k for r in reports for k in r.skipped]
-    assert sites(reports) == [] and len(skipped) == 2 * len(LLAMA_MODULES)
-    assert all(k.reason.startswith("DoRA: on a 4-bit base") for k in skipped)
+    assert [k for r in reports for k in r.skipped] == []
+    assert len(sites(reports)) == 2 * len(LLAMA_MODULES)
+    assert all(s.kind == "dora" and s.backward is not None for s in sites(reports))
     assert rel_err(ref_loss, loss) <= 1e-5 and ref_grads.keys() == grads.keys()
+    assert any(".lora_magnitude_vector." in n for n in grads)
     assert max_rel_err(ref_grads, grads) <= 1e-4
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     loss_and_grads(stock(stock_model), stock_model, inputs)
     assert dynamo_counts() == runlora_counts
+
+
+def test_thirty_adamw_steps_train_qdora_like_eager():
+    model = qlora_llama(use_dora=True)
+    eager_model, compiled_model = twins(model)
+    data = batches(30, seq=12)
+    losses_ref, weights_ref = train(eager_model, eager_model, data, lr=1e-3)
+    with debug.collect_reports() as reports:
+        losses, weights = train(runlora(compiled_model), compiled_model, data, lr=1e-3)
+    initial = trainable(model)
+    assert all(not torch.equal(initial[n], weights_ref[n]) for n in weights_ref)
+    assert rel_err(losses_ref, losses) <= 1e-6 and max_rel_err(weights_ref, weights) <= 1e-5
+    assert len(reports) == 1 and len(sites(reports)) == 2 * len(LLAMA_MODULES)
