@@ -30,7 +30,8 @@ from lora_rewrite.passes import poly
 from lora_rewrite.passes.fx import (ADDMM, CASTS, MM, MUL, VIEWS, WEIGHT_OPS, dtype, is_call, is_matrix, is_weight,
                                     prims, same_rows, same_shape, same_size, same_value, shape, strip_layout,
                                     transpose_source)
-from lora_rewrite.passes.match_quantized import is_dequantized_weight_of, product_bias, quantized_base
+from lora_rewrite.passes.match_quantized import (dequantized_weight, is_dequantized_weight_of, product_bias,
+                                                  quantized_base)
 from lora_rewrite.passes.provenance import provenance_of
 from lora_rewrite.passes.site import DoraChain, ForwardChain, Gradients, LinearBase, NoMatch, Site
 
@@ -106,9 +107,14 @@ def match_dora_site(anchor: Node, backward: set[Node]) -> Site:
         g_of = _scaled_output_gradient(mns, scale, cast_from=sum_dtype)
         gradients = adapter_gradients(anchor, forward, backward, g_of, dy_dtype=sum_dtype)
         if gradients.grad_x_lora is not None and quantized is not None and dropout_product is None:
-            # the 4-bit base's own dX product, (mns ⊙ dY)·dequantize_4bit(W), stays as bitsandbytes computes
-            # it, reading the new mns: only the adapter's dX_a is replaced (DxMode.LORA)
-            gradients = _with_dx_sum(gradients, None)
+            # the 4-bit base's dX product, (mns ⊙ dY)·dequantize_4bit(W), read as QLoRA's (DxMode.TOTAL); where
+            # it is not found, it stays as bitsandbytes computes it (reading the new mns) and only the
+            # adapter's dX_a is replaced (DxMode.LORA)
+            weight = dequantized_weight(quantized, o, i)
+            scale_of_base = _base_output_gradient(mns, minus_one=False)
+            dx_sum = None if weight is None else input_grad_sum(
+                gradients.grad_x_lora, None, lambda gb: scale_of_base(gb, gradients.dy), o, weight=weight)
+            gradients = _with_dx_sum(gradients, dx_sum)
         elif gradients.grad_x_lora is not None:
             gradient_product = dropout_product if dropout_product is not None else linear.node
             scale_of_base = _base_output_gradient(mns, minus_one=dropout_product is not None)

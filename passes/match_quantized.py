@@ -79,6 +79,8 @@ def dequantized_weight(q: QuantizedBase, o, i) -> Node | None:
                 frontier.append(user)
             elif is_call(user, dequantize) and user.args[0] is node and same_shape(shape(user), (o, i)):
                 readers.append(user)
+    if len(readers) > 1:   # QDoRA dequantizes in the forward too, for its norm: the one a product reads
+        readers = [w for w in readers if _read_by_a_product(w)]
     if len(readers) != 1:
         return None
     weight = readers[0]
@@ -86,6 +88,12 @@ def dequantized_weight(q: QuantizedBase, o, i) -> Node | None:
     if len(casts) == 1 and not any(is_call(u, MM) for u in weight.users):
         return casts[0]   # bitsandbytes casts the dequantized weight to dY's dtype for the product
     return weight
+
+
+def _read_by_a_product(weight: Node) -> bool:
+    """Is the [o,i] weight (or its one cast) the right operand of an mm, as G·W_deq reads it?"""
+    values = [weight] + [u for u in weight.users if is_call(u, *CASTS)]
+    return any(is_call(u, MM) and u.args[1] is v for v in values for u in v.users)
 
 
 VIEW_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.t.default,

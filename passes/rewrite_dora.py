@@ -17,9 +17,9 @@ from torch.fx import Node
 
 from lora_rewrite.dora import DoraBackwardOperands, DoraForwardOperands
 from lora_rewrite.variants import DxMode, Variant
-from lora_rewrite.passes.fx import dtype, shape
-from lora_rewrite.passes.rewrite import (GraphOps, check_same, dx_in_rows, first_gradient, gradient_replacements,
-                                         matrix_2d, output_gradient_2d)
+from lora_rewrite.passes.fx import CASTS, dtype, is_call, shape
+from lora_rewrite.passes.rewrite import (GraphOps, base_weight_io, check_same, dx_in_rows, first_gradient,
+                                         gradient_replacements, matrix_2d, output_gradient_2d)
 from lora_rewrite.passes.site import Site
 
 
@@ -44,8 +44,9 @@ def _build_forward(ops: GraphOps, site: Site, variant: Variant) -> tuple:
         base_product = None
         if lin is None and dora.dropout_product is None:   # a 4-bit base: its product reused, its bias taken out
             base_product = base_full if dora.base_bias is None else ops.sub(base_full, dora.base_bias)
+        norm_weight = dora.norm_weight if chain.quantized is None else _recomputed_dequantization(ops, dora.norm_weight)
         operands = DoraForwardOperands(
-            x=chain.x, a=chain.a, b=chain.b, s=chain.scale, m=dora.magnitude, norm_weight=dora.norm_weight,
+            x=chain.x, a=chain.a, b=chain.b, s=chain.scale, m=dora.magnitude, norm_weight=norm_weight,
             norm_dtype=dtype(dora.norm_weight), norm_out_dtype=dora.norm_out_dtype,
             norm_reduce_dtype=dora.norm_reduce_dtype, w_io=lin.w_io if lin is not None else None,
             bias=lin.bias if lin is not None else dora.base_bias, base_full=base_full,
@@ -60,13 +61,30 @@ def _build_forward(ops: GraphOps, site: Site, variant: Variant) -> tuple:
     return result, y
 
 
+def _recomputed_dequantization(ops: GraphOps, weight: Node) -> Node:
+    """The norm's W_deq [o,i] as a new dequantize_4bit of the same packed weight (and the same casts), tagged
+    for recomputation. PEFT's dequantization for the norm and bitsandbytes' own for dX are one node after the
+    partitioner's common-subexpression pass, and an untagged one is saved for backward: a dequantized
+    weight per site, what 4-bit storage is meant to avoid (eager PEFT holds none without dropout)."""
+    casts = []
+    while is_call(weight, *CASTS):
+        casts.append(weight)
+        weight = weight.args[0]
+    fresh = ops.recompute(ops.call(weight.target, *weight.args, **weight.kwargs))
+    for cast in reversed(casts):
+        fresh = ops.recompute(ops.call(cast.target, fresh, *cast.args[1:], **cast.kwargs))
+    return fresh
+
+
 def _build_backward(ops: GraphOps, site: Site, variant: Variant, forward) -> tuple:
     chain, grads, dora = site.forward, site.backward, site.dora
     mode = grads.dx_mode
     with ops.like(first_gradient(ops, site)):
         w_io = None
-        if mode is DxMode.TOTAL:
-            w_io = chain.linear.w_io if dora.dropout_product is None else dora.dropout_weight_io
+        if mode is DxMode.TOTAL and dora.dropout_product is not None:
+            w_io = dora.dropout_weight_io
+        elif mode is DxMode.TOTAL:
+            w_io = base_weight_io(ops, site)   # the linear's Wᵀ, or a 4-bit base's dequantized weight transposed
         operands = DoraBackwardOperands(
             dy=output_gradient_2d(ops, site), x=chain.x, a=chain.a, b=chain.b, s=chain.scale, norm=forward.norm,
             mns=forward.mns, p=forward.p, p_scale=forward.p_scale, w_io=w_io, dx=mode, dx_in_rows=dx_in_rows(site),
