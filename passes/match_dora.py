@@ -81,11 +81,18 @@ def match_dora_site(anchor: Node, backward: set[Node]) -> Site:
         is_base_weight = lambda node: is_dequantized_weight_of(node, quantized)  # noqa: E731
     norm_weight, (norm_reduce_dtype, norm_out_dtype), norm_nodes = _match_norm(norm, is_base_weight, a, b, scale,
                                                                                o, i)
-    upcast_base, sum_dtype = _check_dtypes(xab, base, mns, out, dropout_product)
-    if quantized is not None and (upcast_base or sum_dtype is not None):
+    narrowed = quantized is not None and dtype(out) != dtype(xab)
+    if narrowed:
+        upcast_base, sum_dtype = _check_narrowed(xab, base, mns, out, dropout_product), None
+    else:
+        upcast_base, sum_dtype = _check_dtypes(xab, base, mns, out, dropout_product)
+    if quantized is not None and sum_dtype is not None:
         raise NoMatch(f"DoRA: {ON_A_4BIT_BASE_MIXED}")
+    # On a 4-bit base the model's own product Q is reused, never recomputed from X: its input need only be X's
+    # rows through casts (the QLoRA recipe's fp32 norms feed the fp32 adapter X, bitsandbytes casts it to bf16).
     if dropout_product is None and not (same_rows(base_x, x) or upcast_base and _is_upcast_of(x, base_x)
-                                        or sum_dtype is not None and _same_values_through_casts(x, base_x)):
+                                        or sum_dtype is not None and _same_values_through_casts(x, base_x)
+                                        or quantized is not None and _same_rows_through_casts(x, base_x)):
         raise NoMatch("DoRA: the adapter's input is not provably the base's input")
     if dropout_product is not None and not same_rows(dropout_product.args[0], x):
         raise NoMatch("DoRA: the second base product does not read the adapter's input")
@@ -101,7 +108,8 @@ def match_dora_site(anchor: Node, backward: set[Node]) -> Site:
     base2d = base if len(shape(base)) == 2 else None
     forward = ForwardChain(x=x, a=a, b=b, scale=scale, out=out, base=base, base2d=base2d,
                            out_shape_args=out_shape_args, n_arg=n_arg, linear=linear, sizes=(n, i, o, r),
-                           dtype=dtype(xab), base_dtype=dtype(base), nodes=(anchor, xab, out), quantized=quantized)
+                           dtype=dtype(xab), base_dtype=dtype(base), nodes=(anchor, xab, out), quantized=quantized,
+                           term_cast=dtype(out) if narrowed else None)
     gradients, grad_m = None, None
     if backward:
         g_of = _scaled_output_gradient(mns, scale, cast_from=sum_dtype)
@@ -175,6 +183,17 @@ def _check_dtypes(xab: Node, base: Node, mns: Node, out: Node,
     return True, None
 
 
+def _check_narrowed(xab: Node, base: Node, mns: Node, out: Node, dropout_product: Node | None) -> bool:
+    """The dtypes of PEFT's DoRA sum on a bitsandbytes layer with fp32 adapters on a 16-bit compute dtype
+    (the QLoRA recipe): the adapter, m, the norm and the DoRA term in fp32, the term cast to the 16-bit
+    base's dtype and added to the 4-bit product there. Returns True (the base is upcast into P) or raises."""
+    adapter, half = dtype(xab), (torch.float16, torch.bfloat16)
+    if not (adapter == dtype(mns) == torch.float32 and dtype(base) in half and dtype(out) == dtype(base)
+            and (dropout_product is None or dtype(dropout_product) == adapter)):
+        raise NoMatch(f"DoRA: {ON_A_4BIT_BASE_MIXED}")
+    return True
+
+
 def _is_upcast_of(x: Node, base_x: Node) -> bool:
     """X [N,i] is the base's input, cast to the adapter's dtype (through views of the same rows)."""
     source = strip_layout(x)
@@ -189,6 +208,11 @@ def _same_values_through_casts(x: Node, base_x: Node) -> bool:
     source_x, casts_x = _cast_free(x)
     source_b, casts_b = _cast_free(base_x)
     return source_x is source_b and casts_x == casts_b and same_size(shape(x)[-1], shape(base_x)[-1])
+
+
+def _same_rows_through_casts(x: Node, base_x: Node) -> bool:
+    """X [N,i] and the base's input are the same rows up to casts in either direction (and views)."""
+    return _cast_free(x)[0] is _cast_free(base_x)[0] and same_size(shape(x)[-1], shape(base_x)[-1])
 
 
 def _cast_free(value: Node) -> tuple[Node, tuple]:
@@ -238,10 +262,14 @@ def _dora_sum(xab: Node, backward: set[Node]):
         # product that added its bf16 copy: read that sum with casts looked through (the dtypes are
         # checked after, `_check_dtypes`: only such a widened sum is read this way).
         widened = dtype(xab) in (torch.float16, torch.bfloat16) and dtype(node) == torch.float32
-        expanded = poly.expand(node, casts=widened)
+        # PEFT's bitsandbytes layer casts an fp32 DoRA term to the 16-bit base's dtype before its sum
+        # (fp32 adapters on a 16-bit compute dtype, the QLoRA recipe): read through casts as well, on a
+        # 4-bit base only (`_read_sum`), the dtypes checked after (`_check_narrowed`).
+        narrowed = dtype(xab) == torch.float32 and dtype(node) in (torch.float16, torch.bfloat16)
+        expanded = poly.expand(node, casts=widened or narrowed)
         if expanded is None:
             break
-        terms = _read_sum(expanded, xab, widened)
+        terms = _read_sum(expanded, xab, widened or narrowed, narrowed)
         if isinstance(terms, str):
             why = ON_A_4BIT_BASE if why == ON_A_4BIT_BASE or _has_4bit_term(expanded) else terms
             continue
@@ -251,8 +279,9 @@ def _dora_sum(xab: Node, backward: set[Node]):
 
 ON_A_4BIT_BASE = ("on a 4-bit base (bitsandbytes) the sum is not PEFT's DoRA sum on a Linear4bit (mns scaling "
                   "the 4-bit product less its bias, or with lora_dropout a product of its dequantized weight)")
-ON_A_4BIT_BASE_MIXED = ("on a 4-bit base (bitsandbytes) DoRA is rewritten only where the base computes in the "
-                        "adapter's dtype: here the base and the adapter (or torch.autocast's sum) differ")
+ON_A_4BIT_BASE_MIXED = ("on a 4-bit base (bitsandbytes) DoRA is rewritten where the base computes in the "
+                        "adapter's dtype, or in 16 bits under fp32 adapters; not under torch.autocast (its sum in "
+                        "fp32 from 16-bit products) or other mixes")
 
 
 def _has_4bit_term(p: poly.Poly) -> bool:
@@ -260,8 +289,9 @@ def _has_4bit_term(p: poly.Poly) -> bool:
     return any(isinstance(f, Node) and quantized_base(f) is not None for mono in p for f in mono)
 
 
-def _read_sum(p: poly.Poly, xab: Node, casts: bool = False):
-    """The sum's parts, or why `p` is not DoRA's sum (a str); `casts`: p's atoms were taken through casts."""
+def _read_sum(p: poly.Poly, xab: Node, casts: bool = False, narrowed: bool = False):
+    """The sum's parts, or why `p` is not DoRA's sum (a str); `casts`: p's atoms were taken through casts;
+    `narrowed`: an fp32 adapter term reaches a 16-bit sum, read only as PEFT's sum on a 4-bit base."""
     lora_terms = [(m, c) for m, c in p.items() if xab in m]
     if len(lora_terms) != 1:
         return "the adapter output is not one term of the sum"
@@ -284,6 +314,8 @@ def _read_sum(p: poly.Poly, xab: Node, casts: bool = False):
     if four_bit is not None:
         quantized, bias, second = four_bit
         return mns, scale, None, bias, second, quantized
+    if narrowed:
+        return "the fp32 DoRA term is cast to a 16-bit sum that is not PEFT's on a 4-bit base"
     if len(scaled) != 1:
         return "the magnitude scales more than the adapter and one base product"
     (scaled_mono, c1), = scaled.items()

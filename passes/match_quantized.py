@@ -14,6 +14,10 @@ What the base adds: its dX product, dY·W_deq, which a backward variant takes ov
 r extra columns, `dY·[W_deq | s·B]`), and the clone, a copy of a value nothing writes in a functional
 graph, which the rewrite reads through.
 
+A DoRA site on a 4-bit base (QDoRA, passes/match_dora.py) reads the same product, with the bias it adds
+inside itself (`product_bias`: PEFT's DoRA subtracts it before scaling), and the forward's
+`dequantize_4bit` of the same packed weight that PEFT's norm reads (`is_dequantized_weight_of`).
+
 Older bitsandbytes releases (0.46–0.49) dequantize in the forward and call a plain linear on the
 dequantized weight: not matched here (not installed to test against), so such a site stays untouched.
 8-bit bases (`Linear8bitLt`) have their own ops and are left untouched too.

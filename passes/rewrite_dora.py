@@ -9,6 +9,10 @@ What is replaced, besides what a LoRA site replaces (passes/rewrite.py):
            With a 16-bit base under fp32 adapters (PEFT's default), DxMode.LORA: only the adapter's dX_a
            is replaced, and the base's 16-bit (mns ⊙ dY)·W stays as the model computes it
     mns  ← the new m / ‖W′‖ (what that remaining base gradient reads)
+
+On a 4-bit base (QDoRA) the forward's base is the model's 4-bit product less its bias, the norm reads a
+new dequantization of the packed weight (recomputed in the backward, never saved), and dX is as LoRA's
+DxMode.TOTAL with the base's dequantized weight (`base_weight_io`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def _build_forward(ops: GraphOps, site: Site, variant: Variant) -> tuple:
         base_product = None
         if lin is None and dora.dropout_product is None:   # a 4-bit base: its product reused, its bias taken out
             base_product = base_full if dora.base_bias is None else ops.sub(base_full, dora.base_bias)
+            base_product = ops.cast(base_product, chain.dtype)   # fp32 adapters: P in fp32, as PEFT's term
         norm_weight = dora.norm_weight if chain.quantized is None else _recomputed_dequantization(ops, dora.norm_weight)
         operands = DoraForwardOperands(
             x=chain.x, a=chain.a, b=chain.b, s=chain.scale, m=dora.magnitude, norm_weight=norm_weight,
@@ -55,6 +60,8 @@ def _build_forward(ops: GraphOps, site: Site, variant: Variant) -> tuple:
             sum_dtype=site.facts.sum_dtype, base_product=base_product)
         result = variant.compute(ops, operands)
         y = result.y
+        if chain.term_cast is not None:   # PEFT's bnb layer sums in the 16-bit base's dtype: Y rounded once
+            y = ops.cast(y, chain.term_cast)
         if chain.out_shape_args is not None:
             y = ops.view(y, chain.out_shape_args)
     check_same(y, chain.out, "forward")

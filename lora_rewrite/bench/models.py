@@ -157,25 +157,29 @@ def add_lora(base_model, *, r: int, alpha: float, dropout: float, target_modules
     return model.train()
 
 
+def adapted_linears(peft_model) -> list:
+    """PEFT's adapted linears in model order: lora.Linear (transformers' Conv1D bases included) and its
+    bitsandbytes layers (LoraLayers, not lora.Linear)."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in peft_model.modules() if isinstance(m, LoraLinear)
+            or isinstance(m, LoraLayer) and hasattr(m.get_base_layer(), "in_features")]
+
+
 def lora_layer_shapes(peft_model) -> list[tuple[int, int]]:
     """The distinct (i, o) of the adapted linears, in model order."""
-    from peft.tuners.lora import Linear as LoraLinear
-
     shapes: list[tuple[int, int]] = []
-    for module in peft_model.modules():
-        if isinstance(module, LoraLinear):
-            shape = (module.in_features, module.out_features)
-            if shape not in shapes:
-                shapes.append(shape)
+    for module in adapted_linears(peft_model):
+        shape = (module.in_features, module.out_features)
+        if shape not in shapes:
+            shapes.append(shape)
     return shapes
 
 
 def count_lora_sites(peft_model) -> int:
-    """The adapted linears: PEFT's lora.Linear and its bitsandbytes layers (LoraLayers, not lora.Linear)."""
-    from peft.tuners.lora import LoraLayer
-
-    return sum(isinstance(m, LoraLayer) and hasattr(m.get_base_layer(), "in_features")
-               for m in peft_model.modules())
+    """The adapted linears: PEFT's lora.Linear and its bitsandbytes layers."""
+    return len(adapted_linears(peft_model))
 
 
 @dataclass
@@ -250,10 +254,8 @@ def with_dora_graph_breaks(step: Callable[[], torch.Tensor]) -> Callable[[], tor
 
 
 def lora_out_features(peft_model) -> list[int]:
-    """The out-features of every adapted linear, in model order (one per DoRA site)."""
-    from peft.tuners.lora import Linear as LoraLinear
-
-    return [m.out_features for m in peft_model.modules() if isinstance(m, LoraLinear)]
+    """The out-features of every adapted linear, plain or 4-bit, in model order (one per DoRA site)."""
+    return [m.out_features for m in adapted_linears(peft_model)]
 
 
 def lora_adapter_ranks(peft_model) -> list[tuple[int, int]]:
