@@ -148,11 +148,11 @@ def test_a_unit_scale_lora_alpha_equal_to_r_is_rewritten(backward, dropout):
     assert site.backward == f"dora-{backward}" and site.dropout == bool(dropout)
 
 
-def assert_forced_backward_equals_eager(model, backward):
-    """One step of `model` compiled with `backward` forced equals eager PEFT's (Y, dX, every gradient),
-    with the same dropout masks; the one site's report."""
-    x = torch.randn(3, 7, 20, requires_grad=True)
-    grad_out = torch.randn(3, 7, 28)
+def assert_forced_backward_equals_eager(model, backward, i=20, o=28):
+    """One step of `model` (one adapted linear, i → o) compiled with `backward` forced equals eager PEFT's
+    (Y, dX, every gradient), with the same dropout masks; the one site's report."""
+    x = torch.randn(3, 7, i, requires_grad=True)
+    grad_out = torch.randn(3, 7, o)
     torch.manual_seed(11)
     y_ref, dx_ref, g_ref = step(model, x, grad_out)
     with debug.collect_reports() as reports:

@@ -1,7 +1,8 @@
 """QLoRA: PEFT LoRA on bitsandbytes 4-bit bases (`lora.bnb.Linear4bit`, passes/match_quantized.py), built
 from configs with random weights quantized in the test (no download). The unmerged variants are exact on
 any base, so every one of them must give eager PEFT QLoRA's gradients, and a float64 reference built from
-the dequantized weight; the merged ones must never be chosen."""
+the dequantized weight; the merged ones must never be chosen. QDoRA (DoRA on those bases) likewise, with
+DoRA's unmerged variants, and a float64 DoRA model on the dequantized weight."""
 
 import copy
 
@@ -12,6 +13,7 @@ import torch.nn as nn
 from helpers import activation_bytes_saved_for_backward, randomize_adapters, step
 from model_builders import (LLAMA_MODULES, base_model, batch, batches, dynamo_counts, loss_and_grads, max_rel_err,
                             rel_err, runlora, stock, train, trainable, twins)
+from test_dora_models import assert_forced_backward_equals_eager
 from lora_rewrite import debug
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -64,26 +66,37 @@ def sites(reports):
 
 
 def test_a_4bit_site_is_rewritten_and_matches_eager_and_float64_in_every_unmerged_variant_and_form():
+    for site in assert_every_unmerged_variant_and_form_matches_eager_and_float64(qlora_linear()):
+        assert (site.kind, site.forward) == ("lora", "forward1")
+
+
+def assert_every_unmerged_variant_and_form_matches_eager_and_float64(model, prefix: str = "") -> list:
+    """forward2 forced (illegal on a 4-bit base: forward1 taken, the note says why) with each unmerged
+    backward, in the default forms and the alternative ones: Y, dX and every gradient = eager PEFT's and a
+    float64 model's on the dequantized weight. The sites' reports; `prefix`: "dora-" for DoRA's variants."""
     from lora_rewrite.forms import ROLES
 
-    model = qlora_linear()
     x = torch.randn(3, 5, 32, requires_grad=True)
     grad_out = torch.randn(3, 5, 48)
     y_ref, dx_ref, g_ref = step(model, x, grad_out)
     reference = dequantized_twin(model).double()
     y64, dx64, g64 = step(reference, x.double().detach().requires_grad_(), grad_out.double())
+    assert g_ref.keys() == g64.keys() and g_ref
+    found = []
     for backward in UNMERGED_BACKWARDS:
         for forms in ("direct", {role.name: role.forms[1] for role in ROLES}):
             torch._dynamo.reset()
             with debug.collect_reports() as reports:
                 y, dx, grads = step(runlora(model, forward="forward2", backward=backward, forms=forms), x, grad_out)
             (site,) = sites(reports)
-            assert (site.forward, site.backward) == ("forward1", backward)
+            assert (site.forward, site.backward) == (f"{prefix}forward1", f"{prefix}{backward}")
             assert any("quantized base" in note for note in site.notes)   # forward2 forced: illegal, said so
             for what, eager, ref64, ours in [("Y", y_ref, y64, y), ("dX", dx_ref, dx64, dx)] + \
                     [(n, g_ref[n], g64[n], grads[n]) for n in g_ref]:
                 assert rel_err(eager, ours) <= 2e-6, (backward, what)
                 assert rel_err(ref64, ours) <= 2e-6, (backward, what)
+            found.append(site)
+    return found
 
 
 def test_the_base_s_input_gradient_is_taken_over_and_x_a_is_not_saved():
@@ -241,31 +254,13 @@ def qdora_linear(bias=True, dropout=0.0, compute_dtype=torch.float32):
 @pytest.mark.parametrize("bias", [True, False])
 def test_a_4bit_dora_site_matches_eager_and_float64_in_every_unmerged_variant_and_form(bias):
     """QDoRA (DoRA on a 4-bit base): P = Q − b + s·(X·Aᵀ)·Bᵀ from the 4-bit product Q as bitsandbytes
-    computed it (its bias taken out), the norm from the dequantized weight PEFT's DoRA reads, dm from P.
-    Every unmerged backward and product form gives eager PEFT's values and a float64 DoRA model on the
-    dequantized weight's; the merged ones are illegal on a quantized base, and the report says so."""
-    from lora_rewrite.forms import ROLES
-
+    computed it (its bias taken out), the norm from the dequantized weight PEFT's DoRA reads, dm from P,
+    bitsandbytes' dX product (mns ⊙ dY)·W_deq taken over. Every unmerged backward and product form gives
+    eager PEFT's values (dm among them) and a float64 DoRA model's on the dequantized weight."""
     model = qdora_linear(bias)
-    x = torch.randn(3, 5, 32, requires_grad=True)
-    grad_out = torch.randn(3, 5, 48)
-    y_ref, dx_ref, g_ref = step(model, x, grad_out)
-    reference = dequantized_twin(model).double()
-    y64, dx64, g64 = step(reference, x.double().detach().requires_grad_(), grad_out.double())
-    assert "base_model.model.proj.lora_magnitude_vector.default.weight" in g_ref
-    for backward in UNMERGED_BACKWARDS:
-        for forms in ("direct", {role.name: role.forms[1] for role in ROLES}):
-            torch._dynamo.reset()
-            with debug.collect_reports() as reports:
-                y, dx, grads = step(runlora(model, forward="forward2", backward=backward, forms=forms), x, grad_out)
-            (site,) = sites(reports)
-            assert (site.kind, site.forward, site.backward) == ("dora", "dora-forward1", f"dora-{backward}")
-            assert site.dx_mode == "total"   # bitsandbytes' dX product, (mns ⊙ dY)·W_deq, taken over
-            assert any("quantized base" in note for note in site.notes)   # forward2 forced: illegal, said so
-            for what, eager, ref64, ours in [("Y", y_ref, y64, y), ("dX", dx_ref, dx64, dx)] + \
-                    [(n, g_ref[n], g64[n], grads[n]) for n in g_ref]:
-                assert rel_err(eager, ours) <= 2e-6, (backward, what)
-                assert rel_err(ref64, ours) <= 2e-6, (backward, what)
+    for site in assert_every_unmerged_variant_and_form_matches_eager_and_float64(model, prefix="dora-"):
+        assert (site.kind, site.dx_mode) == ("dora", "total")
+    assert model.base_model.model.proj.lora_magnitude_vector["default"].weight.grad is not None
 
 
 def test_a_4bit_dora_site_saves_less_than_stock_inductor_and_no_dequantized_weight():
@@ -298,20 +293,9 @@ def test_a_4bit_dora_site_with_dropout_equals_eager_with_the_same_masks(backward
     """With lora_dropout PEFT's QDoRA adds a second base product, X̃·W_deqᵀ of the dequantized weight:
     P = X̃·W_deqᵀ + s·(X̃·Aᵀ)·Bᵀ, Y = Q + mns ⊙ P − X̃·W_deqᵀ, and X̃'s input gradient becomes one sum
     (DxMode.TOTAL) while bitsandbytes' dX of Q stays. The step equals eager PEFT's with the same masks."""
-    model = qdora_linear(bias=bias, dropout=0.25)
-    x = torch.randn(3, 5, 32, requires_grad=True)
-    grad_out = torch.randn(3, 5, 48)
-    torch.manual_seed(1)
-    y_ref, dx_ref, g_ref = step(model, x, grad_out)
-    with debug.collect_reports() as reports:
-        compiled = runlora(model, backward=backward, fallback_random=True)
-        torch.manual_seed(1)
-        y, dx, grads = step(compiled, x, grad_out)
-    (site,) = sites(reports)
+    site = assert_forced_backward_equals_eager(qdora_linear(bias=bias, dropout=0.25), backward, i=32, o=48)
     assert (site.kind, site.dropout, site.forward, site.backward) == ("dora", True, "dora-forward1", f"dora-{backward}")
     assert site.dx_mode == "total"
-    for what, ref, ours in [("Y", y_ref, y), ("dX", dx_ref, dx)] + [(n, g_ref[n], grads[n]) for n in g_ref]:
-        assert rel_err(ref, ours) <= 2e-6, what
 
 
 FP32_ADAPTERS = [(bias, dropout, backward) for bias, dropout in ((True, 0.0), (False, 0.0), (True, 0.25))
