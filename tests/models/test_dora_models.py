@@ -222,12 +222,15 @@ def test_fp32_adapters_on_a_bf16_base_are_as_close_to_float64_as_eager(backward,
     assert site.dropout == bool(dropout)
 
 
-def assert_as_close_to_float64_as_eager(model, x, grad_out, backward, wrap=lambda m: m):
+def assert_as_close_to_float64_as_eager(model, x, grad_out, backward, wrap=lambda m: m, float64_model=None):
     """One step of wrap(model) compiled with `backward` forced: Y, dX and every gradient (dm among them)
-    within 1.5× eager PEFT's error against the float64 model + 4 bf16 eps, with the same dropout masks;
-    the one site's report."""
+    within 1.5× eager PEFT's error against the float64 model (model in float64, or `float64_model`) + 4 bf16
+    eps, with the same dropout masks; the one site's report."""
     torch.manual_seed(5)
-    y64, dx64, g64 = float64_reference(model, x, grad_out)
+    if float64_model is None:
+        y64, dx64, g64 = float64_reference(model, x, grad_out)
+    else:
+        y64, dx64, g64 = step(float64_model, x.double().detach().requires_grad_(), grad_out.double())
     torch.manual_seed(5)
     y_eager, dx_eager, g_eager = step(wrap(model), x, grad_out)
     assert rel_err(y64, y_eager) <= 1e-2   # the float64 run dropped the same entries

@@ -13,7 +13,7 @@ import torch.nn as nn
 from helpers import activation_bytes_saved_for_backward, randomize_adapters, step
 from model_builders import (LLAMA_MODULES, base_model, batch, batches, dynamo_counts, loss_and_grads, max_rel_err,
                             rel_err, runlora, stock, train, trainable, twins)
-from test_dora_models import assert_forced_backward_equals_eager
+from test_dora_models import assert_as_close_to_float64_as_eager, assert_forced_backward_equals_eager
 from lora_rewrite import debug
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -141,8 +141,9 @@ def test_a_4bit_llama_has_every_lora_site_rewritten_forward_and_backward():
     assert {("k_proj", "q_proj", "v_proj"), ("gate_proj", "up_proj")} <= fused, fused
 
 
-def test_thirty_adamw_steps_train_like_eager_qlora():
-    model = qlora_llama()
+@pytest.mark.parametrize("use_dora", [False, True], ids=["qlora", "qdora"])
+def test_thirty_adamw_steps_train_like_eager_qlora(use_dora):
+    model = qlora_llama(use_dora=use_dora)
     eager_model, compiled_model = twins(model)
     data = batches(30, seq=12)
     losses_ref, weights_ref = train(eager_model, eager_model, data, lr=1e-3)
@@ -150,8 +151,10 @@ def test_thirty_adamw_steps_train_like_eager_qlora():
         losses, weights = train(runlora(compiled_model), compiled_model, data, lr=1e-3)
     initial = trainable(model)
     assert all(not torch.equal(initial[n], weights_ref[n]) for n in weights_ref)
+    assert any(".lora_magnitude_vector." in n for n in weights_ref) == use_dora
     assert rel_err(losses_ref, losses) <= 1e-6 and max_rel_err(weights_ref, weights) <= 1e-5
-    assert len(reports) == 1 and sites(reports)
+    assert len(reports) == 1 and len(sites(reports)) == 2 * len(LLAMA_MODULES)
+    assert all(s.kind == ("dora" if use_dora else "lora") for s in sites(reports))
 
 
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
@@ -313,24 +316,10 @@ def test_a_4bit_dora_site_with_fp32_adapters_on_bf16_compute_is_as_close_to_floa
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
     x = torch.randn(3, 5, 32, dtype=torch.bfloat16, requires_grad=True)
     grad_out = torch.randn(3, 5, 48, dtype=torch.bfloat16)
-    reference = dequantized_twin(model).double()
-    torch.manual_seed(5)
-    y64, dx64, g64 = step(reference, x.double().detach().requires_grad_(), grad_out.double())
-    torch.manual_seed(5)
-    y_eager, dx_eager, g_eager = step(model, x, grad_out)
-    with debug.collect_reports() as reports:
-        compiled = runlora(model, backward=backward, fallback_random=True)
-        torch.manual_seed(5)
-        y, dx, grads = step(compiled, x, grad_out)
-    (site,) = sites(reports)
+    site = assert_as_close_to_float64_as_eager(model, x, grad_out, backward,
+                                               float64_model=dequantized_twin(model).double())
     assert (site.kind, site.forward, site.backward, site.dropout) == ("dora", "dora-forward1", f"dora-{backward}",
                                                                       bool(dropout))
-    eps = torch.finfo(torch.bfloat16).eps
-    assert g64.keys() == g_eager.keys() == grads.keys() and any("lora_magnitude_vector" in n for n in grads)
-    for what, ref, eager, ours in [("Y", y64, y_eager, y), ("dX", dx64, dx_eager, dx)] + \
-            [(n, g64[n], g_eager[n], grads[n]) for n in g64]:
-        assert ours.dtype == eager.dtype, what
-        assert rel_err(ref, ours) <= 1.5 * rel_err(ref, eager) + 4 * eps, what
 
 
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
@@ -402,16 +391,3 @@ def test_dora_on_a_4bit_llama_is_one_graph_with_every_site_rewritten_and_equals_
     torch._dynamo.utils.counters.clear()
     loss_and_grads(stock(stock_model), stock_model, inputs)
     assert dynamo_counts() == runlora_counts
-
-
-def test_thirty_adamw_steps_train_qdora_like_eager():
-    model = qlora_llama(use_dora=True)
-    eager_model, compiled_model = twins(model)
-    data = batches(30, seq=12)
-    losses_ref, weights_ref = train(eager_model, eager_model, data, lr=1e-3)
-    with debug.collect_reports() as reports:
-        losses, weights = train(runlora(compiled_model), compiled_model, data, lr=1e-3)
-    initial = trainable(model)
-    assert all(not torch.equal(initial[n], weights_ref[n]) for n in weights_ref)
-    assert rel_err(losses_ref, losses) <= 1e-6 and max_rel_err(weights_ref, weights) <= 1e-5
-    assert len(reports) == 1 and len(sites(reports)) == 2 * len(LLAMA_MODULES)
