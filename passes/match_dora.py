@@ -15,6 +15,8 @@ expression and Inductor's passes left it in: `mns·(X·Wᵀ) + b + s·mns·lora`
 identity, the magnitude's gradient as the one backward division by that norm. What is not established
 raises NoMatch(reason) and the site is left untouched. A DoRA site whose backward is not in the expected
 form is left untouched as a whole: its forward alone cannot be rewritten without keeping the old one.
+The norm is read in passes/match_dora_norm.py; the sum on a bitsandbytes 4-bit base (QDoRA) in
+passes/match_dora_4bit.py.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from torch.fx import Node
 from lora_rewrite.forms import is_number
 from lora_rewrite.variants import Dims, SiteFacts
 from lora_rewrite.passes import poly
-from lora_rewrite.passes.fx import (ADDMM, CASTS, MM, MUL, VIEWS, WEIGHT_OPS, dtype, is_call, is_matrix, is_weight,
-                                    prims, same_rows, same_shape, same_size, same_value, shape, strip_layout,
-                                    transpose_source)
-from lora_rewrite.passes.match_quantized import (dequantized_weight, is_dequantized_weight_of, product_bias,
-                                                  quantized_base)
+from lora_rewrite.passes.fx import (ADDMM, CASTS, MM, MUL, VIEWS, WEIGHT_OPS, dtype, is_call, is_weight, same_rows,
+                                    same_shape, same_size, same_value, shape, strip_layout, transpose_source)
+from lora_rewrite.passes.match_dora_4bit import (ON_A_4BIT_BASE, ON_A_4BIT_BASE_MIXED, check_narrowed, has_4bit_term,
+                                                 read_4bit_terms)
+from lora_rewrite.passes.match_dora_norm import is_identity, is_linear_weight, match_norm, strip_casts
+from lora_rewrite.passes.match_quantized import dequantized_weight, is_dequantized_weight_of
 from lora_rewrite.passes.provenance import provenance_of
 from lora_rewrite.passes.site import DoraChain, ForwardChain, Gradients, LinearBase, NoMatch, Site
 
@@ -75,15 +78,15 @@ def match_dora_site(anchor: Node, backward: set[Node]) -> Site:
     magnitude, norm = mns.args
     if quantized is None:
         base, base_x = linear.node, linear.x
-        is_base_weight = lambda node: _is_base_weight(node, linear)  # noqa: E731
+        is_base_weight = lambda node: is_linear_weight(node, linear)  # noqa: E731
     else:
         base, base_x = quantized.product, quantized.x
         is_base_weight = lambda node: is_dequantized_weight_of(node, quantized)  # noqa: E731
-    norm_weight, (norm_reduce_dtype, norm_out_dtype), norm_nodes = _match_norm(norm, is_base_weight, a, b, scale,
+    norm_weight, (norm_reduce_dtype, norm_out_dtype), norm_nodes = match_norm(norm, is_base_weight, a, b, scale,
                                                                                o, i)
     narrowed = quantized is not None and dtype(out) != dtype(xab)
     if narrowed:
-        upcast_base, sum_dtype = _check_narrowed(xab, base, mns, out, dropout_product), None
+        upcast_base, sum_dtype = check_narrowed(xab, base, mns, out, dropout_product), None
     else:
         upcast_base, sum_dtype = _check_dtypes(xab, base, mns, out, dropout_product)
     if quantized is not None and sum_dtype is not None:
@@ -146,7 +149,8 @@ def match_dora_site(anchor: Node, backward: set[Node]) -> Site:
     needs_dx = gradients is not None and gradients.grad_x_lora is not None
     facts = SiteFacts(
         plain_linear_base=quantized is None, adapter_dtype=dtype(xab), base_dtype=dtype(base),
-        weight_dtype=dtype(linear.w_io) if linear is not None else None, dropout=dropout_product is not None or find_dropout(x, base),
+        weight_dtype=dtype(linear.w_io) if linear is not None else None,
+        dropout=dropout_product is not None or find_dropout(x, base),
         adapter_reads_base_input=dropout_product is None, base_used_elsewhere=False, needs_dx=needs_dx,
         dx_sum_found=gradients is not None and gradients.dx_sum is not None, dora=True, trains=bool(backward),
         sum_dtype=sum_dtype)
@@ -181,17 +185,6 @@ def _check_dtypes(xab: Node, base: Node, mns: Node, out: Node,
     if dropout_product is not None and dtype(dropout_product) != adapter:
         raise NoMatch("DoRA: the second base product is not in the adapter's dtype")
     return True, None
-
-
-def _check_narrowed(xab: Node, base: Node, mns: Node, out: Node, dropout_product: Node | None) -> bool:
-    """The dtypes of PEFT's DoRA sum on a bitsandbytes layer with fp32 adapters on a 16-bit compute dtype
-    (the QLoRA recipe): the adapter, m, the norm and the DoRA term in fp32, the term cast to the 16-bit
-    base's dtype and added to the 4-bit product there. Returns True (the base is upcast into P) or raises."""
-    adapter, half = dtype(xab), (torch.float16, torch.bfloat16)
-    if not (adapter == dtype(mns) == torch.float32 and dtype(base) in half and dtype(out) == dtype(base)
-            and (dropout_product is None or dtype(dropout_product) == adapter)):
-        raise NoMatch(f"DoRA: {ON_A_4BIT_BASE_MIXED}")
-    return True
 
 
 def _is_upcast_of(x: Node, base_x: Node) -> bool:
@@ -251,8 +244,8 @@ def _is_column_vector(node: Any) -> bool:
 
 
 def _dora_sum(xab: Node, backward: set[Node]):
-    """(out, (mns, s, the base LinearBase, its bias, the second base product or None)): the first node
-    above xab whose value is DoRA's sum."""
+    """(out, (mns, s, the base LinearBase or None, its bias, the second base product or None, the
+    QuantizedBase or None)): the first node above xab whose value is DoRA's sum."""
     node, why = xab, "the adapter output does not reach a DoRA sum"
     for _ in range(SUM_SEARCH_DEPTH):
         node = forward_user(node, backward)
@@ -264,29 +257,17 @@ def _dora_sum(xab: Node, backward: set[Node]):
         widened = dtype(xab) in (torch.float16, torch.bfloat16) and dtype(node) == torch.float32
         # PEFT's bitsandbytes layer casts an fp32 DoRA term to the 16-bit base's dtype before its sum
         # (fp32 adapters on a 16-bit compute dtype, the QLoRA recipe): read through casts as well, on a
-        # 4-bit base only (`_read_sum`), the dtypes checked after (`_check_narrowed`).
+        # 4-bit base only (`_read_sum`), the dtypes checked after (`check_narrowed`).
         narrowed = dtype(xab) == torch.float32 and dtype(node) in (torch.float16, torch.bfloat16)
         expanded = poly.expand(node, casts=widened or narrowed)
         if expanded is None:
             break
         terms = _read_sum(expanded, xab, widened or narrowed, narrowed)
         if isinstance(terms, str):
-            why = ON_A_4BIT_BASE if why == ON_A_4BIT_BASE or _has_4bit_term(expanded) else terms
+            why = ON_A_4BIT_BASE if why == ON_A_4BIT_BASE or has_4bit_term(expanded) else terms
             continue
         return node, terms
     raise NoMatch(f"DoRA: {why}")
-
-
-ON_A_4BIT_BASE = ("on a 4-bit base (bitsandbytes) the sum is not PEFT's DoRA sum on a Linear4bit (mns scaling "
-                  "the 4-bit product less its bias, or with lora_dropout a product of its dequantized weight)")
-ON_A_4BIT_BASE_MIXED = ("on a 4-bit base (bitsandbytes) DoRA is rewritten where the base computes in the "
-                        "adapter's dtype, or in 16 bits under fp32 adapters; not under torch.autocast (its sum in "
-                        "fp32 from 16-bit products) or other mixes")
-
-
-def _has_4bit_term(p: poly.Poly) -> bool:
-    """Is a bitsandbytes 4-bit product (through PEFT's clone and bitsandbytes' cast) an atom of the sum?"""
-    return any(isinstance(f, Node) and quantized_base(f) is not None for mono in p for f in mono)
 
 
 def _read_sum(p: poly.Poly, xab: Node, casts: bool = False, narrowed: bool = False):
@@ -310,7 +291,7 @@ def _read_sum(p: poly.Poly, xab: Node, casts: bool = False, narrowed: bool = Fal
         return "the adapter term's scale is not a number or a 0-d tensor"
     scaled = {m: c for m, c in p.items() if mns in m and m != mono}
     plain = {m: c for m, c in p.items() if mns not in m}
-    four_bit = _read_4bit_terms(scaled, plain, mns, casts)
+    four_bit = read_4bit_terms(scaled, plain, mns, casts)
     if four_bit is not None:
         quantized, bias, second = four_bit
         return mns, scale, None, bias, second, quantized
@@ -356,51 +337,6 @@ def _read_sum(p: poly.Poly, xab: Node, casts: bool = False, narrowed: bool = Fal
     return mns, scale, linear, base_bias, product_node, None
 
 
-def _read_4bit_terms(scaled: poly.Poly, plain: poly.Poly, mns: Node, casts: bool):
-    """(the QuantizedBase, its bias or None, the second base product or None) when the sum is PEFT's DoRA sum
-    on a bitsandbytes Linear4bit, else None:
-
-    - without dropout, out = Q + (mns − 1)·(Q − b) + s·mns·lora = mns·Q − mns·b + b + …: the 4-bit product Q
-      adds its bias inside itself, PEFT subtracts it before scaling;
-    - with dropout, out = Q + (mns − 1)·(X̃·W_deqᵀ) + …: PEFT's second base product is a plain product of
-      the dequantized weight (the same packed weight as Q's)."""
-    candidates = {f for m in scaled for f in m if f is not mns and isinstance(f, Node) and quantized_base(f) is not None}
-    if not candidates:
-        return _read_4bit_dropout_terms(scaled, plain, mns)
-    if len(candidates) != 1:
-        return None
-    (q,) = candidates
-    quantized = quantized_base(q)
-    bias = product_bias(quantized)
-    expected_scaled, expected_plain = {poly.monomial(mns, q): 1.0}, {}
-    if bias is not None:
-        b = poly.atom(bias, casts)
-        expected_scaled[poly.monomial(mns, b)] = -1.0
-        expected_plain[poly.monomial(b)] = 1.0
-    if poly.same_poly(scaled, expected_scaled) and poly.same_poly(plain, expected_plain):
-        return quantized, bias, None
-    return None
-
-
-def _read_4bit_dropout_terms(scaled: poly.Poly, plain: poly.Poly, mns: Node):
-    """(the QuantizedBase, None, X̃·W_deqᵀ) for out = Q + mns·(X̃·W_deqᵀ) − X̃·W_deqᵀ + …, else None."""
-    if len(scaled) != 1 or len(plain) != 2:
-        return None
-    ((mono, c),) = scaled.items()
-    second = [f for f in mono if f is not mns]
-    if c != 1.0 or len(mono) != 2 or len(second) != 1 or not is_call(second[0], MM):
-        return None
-    second = second[0]
-    bases = [m[0] for m, c in plain.items() if len(m) == 1 and c == 1.0 and isinstance(m[0], Node)]
-    quantized = quantized_base(bases[0]) if len(bases) == 1 else None
-    if quantized is None or not poly.same_poly(plain, {poly.monomial(bases[0]): 1.0, poly.monomial(second): -1.0}):
-        return None
-    w_io = second.args[1]
-    if transpose_source(w_io) is None or not is_dequantized_weight_of(transpose_source(w_io), quantized):
-        return None
-    return quantized, None, second
-
-
 def _weight_read(w_io: Any) -> tuple:
     """How a product reads its weight, casts left out: the ops from the parameter (its node last), so
     that W·, and W cast to fp32 for PEFT's second product under fp32 adapters, read alike."""
@@ -434,108 +370,12 @@ def _linear_of(product: Node, bias: Node | None) -> LinearBase | None:
 
 def _as_linear(product: Node, linear: LinearBase | None, quantized=None) -> LinearBase:
     """The product as LinearBase: the base's own, or the second base product (with dropout) — on a 4-bit
-    base a product of the dequantized weight (established by `_read_4bit_dropout_terms`)."""
+    base a product of the dequantized weight (established by `match_dora_4bit.read_4bit_terms`)."""
     if linear is not None and product is linear.node:
         return linear
     if quantized is not None:
         return LinearBase(product, product.args[0], product.args[1], None)
     return _linear_of(product, None)
-
-
-# --- the norm --------------------------------------------------------------------------------------------
-
-def strip_casts(node: Any) -> Any:
-    while is_call(node, *CASTS):
-        node = node.args[0]
-    return node
-
-
-def is_identity(node: Any) -> bool:
-    """An [n,n] identity built in the graph: eye(n), or eq(iota(n)[:, None], iota(n)) as decomposed."""
-    if is_call(node, aten.eye.default):
-        return True
-    if not is_call(node, aten.eq.Tensor):
-        return False
-    column, row = node.args
-    if is_call(column, aten.unsqueeze.default) and list(column.args[1:]) in ([-1], [1]):
-        column = column.args[0]
-    else:
-        return False
-    return _is_arange(column) and _is_arange(row) and same_shape(shape(column), shape(row))
-
-
-def _is_arange(node: Any) -> bool:
-    if not is_call(node, prims.iota.default):
-        return False
-    return node.kwargs.get("start", 0) == 0 and node.kwargs.get("step", 1) == 1
-
-
-def _match_norm(norm: Node, is_base_weight: Callable[[Any], bool], a: Node, b: Node, scale: Any, o: int, i: int):
-    """(W as the norm reads it, (the dtype its squares are summed in, the norm's output dtype), the nodes
-    of PEFT's norm): norm must be
-    sqrt(Σ_rows (W + s·B·A)²) with W the base's weight (`is_base_weight`: the linear's weight, or a 4-bit
-    base's dequantized weight) and B·A built from this site's A and B."""
-    out_dtype = dtype(norm)
-    root = strip_casts(norm)
-    radicand = None
-    if is_call(root, aten.pow.Tensor_Scalar) and root.args[1] == 0.5:
-        radicand = root.args[0]
-    elif is_call(root, aten.sqrt.default):
-        radicand = root.args[0]
-    squares = radicand.args[0] if is_call(radicand, aten.sum.dim_IntList) and list(radicand.args[1]) in ([1], [-1]) \
-        and not radicand.kwargs.get("keepdim", False) and len(radicand.args) == 2 else None
-    merged = None
-    if is_call(squares, aten.pow.Tensor_Scalar) and squares.args[1] == 2:
-        merged = squares.args[0]
-    elif is_call(squares, MUL) and squares.args[0] is squares.args[1]:
-        merged = squares.args[0]
-    reduce_dtype = dtype(merged)   # a 16-bit norm is decomposed with its squares summed in fp32
-    merged = strip_casts(merged)
-    if merged is None or not same_shape(shape(merged), (o, i)):
-        raise NoMatch("DoRA: the magnitude is not divided by the row norms of an [o,i] weight")
-    p = poly.expand(merged)
-    if p is None or len(p) != 2:
-        raise NoMatch("DoRA: the norm's weight is not W + s·B·A")
-    weight_term = [m[0] for m, c in p.items() if len(m) == 1 and c == 1.0 and is_base_weight(m[0])]
-    if len(weight_term) != 1:
-        raise NoMatch("DoRA: the norm does not read the base layer's weight")
-    lora_terms = [(m, c) for m, c in p.items() if m != (weight_term[0],)]
-    (lora_mono, c), = lora_terms
-    factors = [f for f in lora_mono if not (isinstance(f, Node) and shape(f) == ())]
-    tensor_scale = [f for f in lora_mono if isinstance(f, Node) and shape(f) == ()]
-    scale_ok = (not tensor_scale and isinstance(scale, (int, float)) and c == float(scale)) or \
-        (tensor_scale and c == 1.0 and same_value(tensor_scale[0], scale))
-    if len(factors) != 1 or not scale_ok or not _is_lora_weight(factors[0], a, b):
-        raise NoMatch("DoRA: the norm's weight is not W + s·B·A of this site's A and B")
-    return weight_term[0], (reduce_dtype, out_dtype), [norm, root, radicand, squares, merged]
-
-
-def _is_base_weight(node: Any, linear: LinearBase) -> bool:
-    """W [o,i] (through a cast) of the base product's Wᵀ operand: nn.Linear's W, or Conv1D's stored Wᵀ transposed."""
-    source = strip_casts(node)
-    w_io = strip_casts(linear.w_io)
-    if transpose_source(w_io) is not None and same_value(source, strip_casts(transpose_source(w_io))):
-        return True
-    inner = transpose_source(source)
-    return inner is not None and same_value(strip_casts(inner), w_io)
-
-
-def _is_lora_weight(node: Any, a: Node, b: Node) -> bool:
-    """B·A [o,i] as PEFT builds it: (B(A(eye)))ᵀ = permute(mm(mm(eye, Aᵀ), Bᵀ)), through casts, or B·A."""
-    node = strip_casts(node)
-    product = transpose_source(node)
-    if is_call(product, MM):
-        left, bt = product.args
-        if is_call(left, MM) and is_identity(strip_casts(left.args[0])):
-            at = left.args[1]
-            return _same_param(transpose_source(at), a) and _same_param(transpose_source(bt), b)
-    if is_call(node, MM):
-        return _same_param(node.args[0], b) and _same_param(node.args[1], a)
-    return False
-
-
-def _same_param(node: Any, param: Node) -> bool:
-    return node is not None and (is_matrix(node, param) or same_value(strip_casts(node), strip_casts(param)))
 
 
 # --- the backward ----------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def compiled_graphs(monkeypatch):
 
 def identities(graphs) -> list:
     """The nodes that build an identity matrix (eye, or eq(iota[:, None], iota) as decomposed)."""
-    from lora_rewrite.passes.match_dora import is_identity
+    from lora_rewrite.passes.match_dora_norm import is_identity
 
     return [n for g in graphs for n in g.nodes if is_identity(n)]
 
