@@ -369,8 +369,8 @@ def test_qdora_under_autocast_is_left_untouched_with_the_reason():
 def test_dora_on_a_4bit_llama_is_one_graph_with_every_site_rewritten_and_equals_eager():
     """PEFT's DoRA layer dequantizes a 4-bit weight through a class-name test and (on a CPU) a re-wrap of the
     weight, both graph breaks; the stand-in (lora_rewrite/traceable_peft.py) makes the model one graph with
-    no break, as plain QLoRA is. Every QDoRA site is then rewritten, forward and backward, the step equals
-    eager PEFT's, and stock Inductor compiles the same number of graphs."""
+    no break, as plain QLoRA is. Every QDoRA site is then rewritten, forward and backward (and in an
+    inference graph), the step equals eager PEFT's, and stock Inductor compiles the same number of graphs."""
     model = qlora_llama(use_dora=True)
     eager_model, compiled_model, stock_model = twins(model, 3)
     inputs = batch()
@@ -387,6 +387,11 @@ def test_dora_on_a_4bit_llama_is_one_graph_with_every_site_rewritten_and_equals_
     assert rel_err(ref_loss, loss) <= 1e-5 and ref_grads.keys() == grads.keys()
     assert any(".lora_magnitude_vector." in n for n in grads)
     assert max_rel_err(ref_grads, grads) <= 1e-4
+    # inference (no_grad): an inference graph, every site rewritten with the unmerged forward, = eager
+    with torch.no_grad(), debug.collect_reports() as reports:
+        assert rel_err(eager_model(**inputs).logits, runlora(compiled_model)(**inputs).logits) <= 1e-5
+    assert [r.kind for r in reports] == ["inference"] and len(sites(reports)) == 2 * len(LLAMA_MODULES)
+    assert all(s.forward == "dora-forward1" for s in sites(reports))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     loss_and_grads(stock(stock_model), stock_model, inputs)
