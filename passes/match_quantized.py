@@ -111,8 +111,6 @@ def _packed_source(node):
     return node
 
 
-
-
 def product_bias(q: QuantizedBase) -> Node | None:
     """The bias the 4-bit product adds inside itself (gemm_4bit's `bias`), or None."""
     gemm = q.product
