@@ -1,9 +1,12 @@
 """Profile one layer-bench step (frozen, stock Inductor, runlora) with torch.profiler, shapes recorded: the
 source of the per-product numbers quoted in docs/BENCHMARKS.md ("What the profile found", "What is left").
 
-    python scripts/profile_layer_step.py I O N R DTYPE FP32_ADAPTERS [DROPOUT] [IMPLS]
+    python scripts/profile_layer_step.py I O N R DTYPE FP32_ADAPTERS [DROPOUT] [IMPLS] [KIND]
     e.g. python scripts/profile_layer_step.py 1024 1024 8192 16 fp32 0
          python scripts/profile_layer_step.py 1024 1024 4096 64 bf16 0 0.0 inductor,runlora
+         python scripts/profile_layer_step.py 1024 1024 4096 16 bf16 1 0.0 inductor,runlora qdora
+
+KIND: lora (default), dora, qlora (4-bit bases) or qdora (DoRA on 4-bit bases).
 
 First 9 interleaved timed steps (medians, overhead over frozen), then a table per implementation of its
 ops over 3 steps, grouped by input shape, by self CPU time. One process, 2 threads; nothing else running.
@@ -19,6 +22,9 @@ from torch.profiler import ProfilerActivity, profile
 from lora_rewrite.bench.layer import LayerShape, ProbeLoss, build_layer_models, layer_loss_step, make_layer_inputs
 
 
+KINDS = ("lora", "dora", "qlora", "qdora")
+
+
 def main(argv) -> None:
     torch.set_num_threads(2)
     i, o, n, r = (int(v) for v in argv[:4])
@@ -26,10 +32,13 @@ def main(argv) -> None:
     fp32_adapters = argv[5] == "1"
     dropout = float(argv[6]) if len(argv) > 6 else 0.0
     profiled = argv[7].split(",") if len(argv) > 7 else ["frozen", "inductor", "runlora"]
+    kind = argv[8] if len(argv) > 8 else "lora"
+    if kind not in KINDS:
+        raise SystemExit(f"KIND must be one of {', '.join(KINDS)}, got {kind!r}")
     shape = LayerShape(i=i, o=o, tokens=n, r=r, batch=32)
     cpu = torch.device("cpu")
     peft, frozen = build_layer_models(shape, r=r, alpha=r, dropout=dropout, bias=False, dtype=dtype, device=cpu,
-                                      fp32_adapters=fp32_adapters)
+                                      fp32_adapters=fp32_adapters, use_dora="dora" in kind, bits4=kind.startswith("q"))
     inputs = make_layer_inputs(shape, dtype=dtype, device=cpu)
     models = {"frozen": torch.compile(ProbeLoss(frozen, inputs.probe)),
               "inductor": torch.compile(ProbeLoss(copy.deepcopy(peft), inputs.probe)),
