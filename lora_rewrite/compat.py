@@ -186,6 +186,19 @@ def must_recompute_policy():
     return CheckpointPolicy.MUST_RECOMPUTE
 
 
+def must_save_policy():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE
+
+
+def tagged_for_recomputation(node) -> bool:
+    """The node carries a recompute tag: runlora's, or activation checkpointing's for its region."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return node.meta.get("recompute") in (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE)
+
+
 # --- dynamo -----------------------------------------------------------------------------------------
 
 def reset_dynamo() -> None:

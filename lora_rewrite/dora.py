@@ -165,8 +165,8 @@ def dora_forward1(ops, p: DoraForwardOperands) -> DoraForwardResult:
     o = ops.size(p.b, 0)
     if p.base_product is not None:           # a 4-bit base: its product as bitsandbytes computed it
         base = p.base_product
-    elif p.dropout_product is None:          # X·Wᵀ without the bias, in the base's dtype, then the adapter's
-        base = ops.cast(ops.mm(p.x if p.base_x is None else p.base_x, p.w_io), ops.dtype_of(p.x))
+    elif p.dropout_product is None:          # X·Wᵀ without the bias, in the base's dtype (forward1 widens the sum)
+        base = ops.mm(p.x if p.base_x is None else p.base_x, p.w_io)
     else:
         base = p.dropout_product             # the model's X̃·Wᵀ
     if p.sum_dtype is None:
@@ -174,6 +174,8 @@ def dora_forward1(ops, p: DoraForwardOperands) -> DoraForwardResult:
         summed, xa = lora.y, lora.xa
     else:
         summed, xa = widened_sum(ops, p, base)
+    if p.trains:
+        ops.save(summed)   # P itself for dm, not the two products it sums
     scaled = ops.mul(summed, ops.view(mns, [1, o]))
     wide = ops.dtype_of(scaled)
     if p.dropout_product is None:

@@ -132,8 +132,8 @@ class Variant:
 
 @dataclass
 class ForwardOperands:
-    """What a forward variant reads. `base` is X·Wᵀ + bias as already computed by the model (forward1
-    accumulates onto it); `w_io` (Wᵀ, [i,o]) and `bias` are what the merged forward needs instead."""
+    """What a forward variant reads. `base` is X·Wᵀ + bias as already computed by the model, in the model's
+    dtype (forward1 adds onto it); `w_io` (Wᵀ, [i,o]) and `bias` are what the merged forward needs instead."""
 
     x: Any
     a: Any
@@ -266,6 +266,9 @@ class EagerOps(FixedForms):
     def recompute(self, a):
         return a
 
+    def save(self, a):
+        return a
+
     def cat(self, tensors, dim):
         return aten.cat.default(list(tensors), dim)
 
@@ -311,8 +314,14 @@ def _merged_weight(ops, p):
 # --- forward ----------------------------------------------------------------------------------------
 
 def factored_forward(ops, p: ForwardOperands) -> ForwardResult:
-    """forward1: Y = X·Wᵀ + s·(X·Aᵀ)·Bᵀ — the adapter product accumulated onto the base result, s as addmm's alpha."""
+    """forward1: Y = X·Wᵀ + s·(X·Aᵀ)·Bᵀ — the adapter product accumulated onto the base result, s as addmm's alpha.
+    A base in another dtype than the adapter's (PEFT's fp32 adapters on a 16-bit layer) is added as it is,
+    in the wider of the two dtypes, as PEFT's type promotion adds it."""
     xa = ops.recompute(product(ops, XA, p.x, ops.t(p.a)))
+    if ops.dtype_of(p.base) != ops.dtype_of(xa):
+        # addmm would accumulate onto a widened copy of the base, which it copies once more into its
+        # result on the CPU: two [N,o] passes more than one sum Inductor fuses with the casts around it.
+        return ForwardResult(ops.add(p.base, scaled_mm(ops, xa, ops.t(p.b), p.s)), xa=xa)
     if is_number(p.s):
         return ForwardResult(ops.addmm(p.base, xa, ops.t(p.b), alpha=p.s), xa=xa)
     return ForwardResult(ops.addmm(p.base, xa, ops.t(_scaled_b(ops, p))), xa=xa)

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch.fx import Graph, Node
 
-from lora_rewrite import debug
+from lora_rewrite import compat, debug
 from lora_rewrite.forms import GRAD_A, XA, product
 from lora_rewrite.passes.fx import (PERMUTE, depends_on, dtype, erase_unused, is_call, made_by_runlora, same_shape,
                                     same_value, shape)
@@ -136,7 +136,7 @@ def _fuse(graph: Graph, fake_mode, group: list[Member], order: dict, kind: Fusio
             debug.log.debug("runlora did not fuse %s of %s: a slice of the fused product is %s%s, not %s%s",
                             kind.name, names, dtype(new), list(shape(new) or ()), dtype(old), list(shape(old) or ()))
             return None
-    if any("recompute" in old.meta for old in olds):  # never saved, as the products it replaces
+    if any(compat.tagged_for_recomputation(old) for old in olds):  # never saved, as the products it replaces
         for node in ops.created:
             ops.recompute(node)
     for inner, transposed_slice in inner_readers.items():

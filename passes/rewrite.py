@@ -201,6 +201,14 @@ class GraphOps(FixedForms):
             node = node.args[0]
         return a
 
+    def save(self, a):
+        # The partitioner must save this value rather than recompute it in the backward from its inputs
+        # (a sum of a 16-bit and a 32-bit product would otherwise be recomputed from both, held at 6 bytes
+        # an element instead of 4) — except inside a checkpointed region, whose tag it inherited and keeps.
+        if a in self._created_set and "recompute" not in a.meta:
+            a.meta["recompute"] = compat.must_save_policy()
+        return a
+
     def cat(self, nodes, dim):
         return self.call(aten.cat.default, list(nodes), dim)
 
@@ -275,8 +283,6 @@ def _build_forward(ops: GraphOps, site: Site, variant: Variant) -> ForwardResult
             operands = ForwardOperands(x=chain.x, a=chain.a, b=chain.b, s=chain.scale, w_io=lin.w_io, bias=lin.bias)
         else:
             base = chain.base2d if chain.base2d is not None else matrix_2d(ops, chain.base, chain.n_arg, site.dims.o)
-            if dtype(base) != chain.dtype:
-                base = ops.cast(base, chain.dtype)
             operands = ForwardOperands(x=chain.x, a=chain.a, b=chain.b, s=chain.scale, base=base)
         result = variant.compute(ops, operands)
         y = result.y

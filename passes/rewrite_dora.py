@@ -48,7 +48,6 @@ def _build_forward(ops: GraphOps, site: Site, variant: Variant) -> tuple:
         base_product = None
         if lin is None and dora.dropout_product is None:   # a 4-bit base: its product reused, its bias taken out
             base_product = base_full if dora.base_bias is None else ops.sub(base_full, dora.base_bias)
-            base_product = ops.cast(base_product, chain.dtype)   # fp32 adapters: P in fp32, as PEFT's term
         norm_weight = dora.norm_weight if chain.quantized is None else _recomputed_dequantization(ops, dora.norm_weight)
         operands = DoraForwardOperands(
             x=chain.x, a=chain.a, b=chain.b, s=chain.scale, m=dora.magnitude, norm_weight=norm_weight,

@@ -110,6 +110,19 @@ def count_compiled_flops():
         compat.eager_inner_compile = original
 
 
+def compiled_graphs(monkeypatch) -> list[torch.fx.Graph]:
+    """Every partitioned graph runlora hands to Inductor's inner compile (codegen=False), as recorded."""
+    graphs = []
+    real = compat.eager_inner_compile
+
+    def recording(gm, example_inputs, **kwargs):
+        graphs.append(gm.graph)
+        return real(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(compat, "eager_inner_compile", recording)
+    return graphs
+
+
 def activation_bytes_saved_for_backward(model, fn) -> int:
     """Bytes of distinct storages autograd saves for backward while `fn()` runs, parameters excluded
     (a parameter saved for backward costs no memory: it is alive anyway)."""

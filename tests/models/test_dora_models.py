@@ -6,11 +6,11 @@ the PEFT features a DoRA user has."""
 import pytest
 import torch
 
-from helpers import activation_bytes_saved_for_backward, float64_reference, step
+from helpers import activation_bytes_saved_for_backward, compiled_graphs, float64_reference, step
 from model_builders import (base_model, batch, batches, dynamo_counts, lora_linears, loss_and_grads, max_rel_err,
                             peft_model, randomize_lora_b, rel_err, runlora, stock, train, trainable, twins)
 from test_peft_features import RTOL, assert_all_rewritten, assert_step_equals_eager, sites, skipped
-from lora_rewrite import compat, debug
+from lora_rewrite import debug
 
 FAMILIES_TESTED = ["llama", "opt", "gpt2", "bert", "mistral", "qwen2", "roberta"]
 
@@ -51,19 +51,6 @@ def test_a_dora_llama_is_one_graph_as_plain_lora_is():
         loss_and_grads(runlora(model), model, batch())
         counts[dora] = dynamo_counts()
     assert counts[True] == counts[False] == {"unique_graphs": 1, "graph_breaks": 0}
-
-
-def compiled_graphs(monkeypatch):
-    """Every partitioned graph runlora hands to Inductor's inner compile (codegen=False), as recorded."""
-    graphs = []
-    real = compat.eager_inner_compile
-
-    def recording(gm, example_inputs, **kwargs):
-        graphs.append(gm.graph)
-        return real(gm, example_inputs, **kwargs)
-
-    monkeypatch.setattr(compat, "eager_inner_compile", recording)
-    return graphs
 
 
 def identities(graphs) -> list:

@@ -230,6 +230,35 @@ def test_widened_copies_of_x_and_narrowed_weight_copies_are_not_saved():
         assert before - after >= fewer, (type(model).__name__, before, after)
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_a_16_bit_base_is_summed_with_fp32_adapters_as_it_is_never_widened_first(monkeypatch, use_dora):
+    """PEFT's fp32 adapters on a bf16 layer: forward1 adds the bf16 base result to the fp32 adapter term as
+    PEFT's type promotion does (one elementwise pass, which Inductor fuses with the casts around it), and no
+    fp32 copy of the base [N,o] is made for addmm to accumulate onto (which the CPU's addmm copies once
+    more into its result). Y stays as close to float64 as eager PEFT's."""
+    from peft import LoraConfig, get_peft_model
+
+    from helpers import OneLinear, compiled_graphs
+
+    lead, i, o, r = (4, 32), 48, 80, 8
+    torch.manual_seed(0)
+    model = get_peft_model(OneLinear(i, o).to(torch.bfloat16),
+                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], use_dora=use_dora))
+    x = torch.randn(*lead, i, dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn(*lead, o, dtype=torch.bfloat16)
+    y64 = float64_reference(model, x, grad_out)[0]
+    y_eager = step(model, x, grad_out)[0]
+    graphs = compiled_graphs(monkeypatch)
+    y = step(runlora(model), x, grad_out)[0]
+    assert runlora_counters().get("chose_forward1" if not use_dora else "chose_dora-forward1") == 1
+    forward = graphs[0]   # the partitioned forward, then the backward (which widens dY, as eager PEFT does)
+    widened_results = [n for n in forward.nodes
+                       if n.target is torch.ops.prims.convert_element_type.default and n.args[1] == torch.float32
+                       and n.args[0].meta["val"].numel() == x.numel() // i * o]
+    assert widened_results == []
+    assert _relative_error(y64, y) <= _relative_error(y64, y_eager) + torch.finfo(torch.bfloat16).eps
+
+
 def _relative_error(reference, actual) -> float:
     reference, actual = reference.double(), actual.double()
     return float((actual - reference).abs().max() / reference.abs().max().clamp_min(1e-12))

@@ -13,7 +13,7 @@ run() {  # name, then runlora-bench arguments
   local name=$1; shift
   $BENCH --no-progress --4bit --dora "$@" --impls $IMPLS -o "$OUT/$name" > "$OUT/$name.log" 2>&1
 }
-STAGES=${STAGES:-layers models recipe}
+STAGES=${STAGES:-layers models recipe recipe_models}
 if [[ " $STAGES " == *" layers "* ]]; then
 run sq1024 --layer --in 1024 --tokens 4096 --rank 16 64
 fi
@@ -22,4 +22,8 @@ run llama_60m_r16 -m llama_60m --n_batch 8 --seq_len 512 -r 16
 fi
 if [[ " $STAGES " == *" recipe "* ]]; then   # bf16 compute dtype with PEFT's fp32 adapters (the QLoRA recipe's dtypes)
 run sq1024_bf16 --layer --in 1024 --tokens 4096 --rank 16 --dtype bf16 --fp32-adapters
+fi
+if [[ " $STAGES " == *" recipe_models "* ]]; then   # the same dtypes on Llama-60m, without eager (11 minutes)
+IMPLS="inductor inductor-again runlora inductor-lora runlora-lora frozen" \
+run llama_60m_r16_bf16 -m llama_60m --n_batch 8 --seq_len 512 -r 16 --dtype bf16 --fp32-adapters
 fi
