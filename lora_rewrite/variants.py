@@ -20,7 +20,7 @@ read once and result written once. The scale rides inside a product as addmm's a
 Python number (`lora_rewrite.forms.scaled_mm`: no elementwise pass, no kernel of its own to compile);
 a tensor scale goes on a rank-sized factor or result (s·B is o×r; with 16-bit adapters s·(dY·B), see
 `_z1`), never on an [N,o] or [N,i] tensor; sums are accumulated inside the matmul (`addmm`) rather
-than by a separate pass.
+than by a separate pass, except onto a base in another dtype (`factored_forward`).
 
 Which physical form each product runs in (orientation, Z1 folded into the dX product) is a choice
 apart from the bracketing, with the same FLOPs: every product with a choice is emitted through
