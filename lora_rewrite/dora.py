@@ -172,10 +172,10 @@ def dora_forward1(ops, p: DoraForwardOperands) -> DoraForwardResult:
     if p.sum_dtype is None:
         lora = FORWARD1.compute(ops, ForwardOperands(x=p.x, a=p.a, b=p.b, s=p.s, base=base))
         summed, xa = lora.y, lora.xa
+        if p.trains:
+            ops.save(summed)   # P itself for dm, not the two products it sums
     else:
         summed, xa = widened_sum(ops, p, base)
-    if p.trains:
-        ops.save(summed)   # P itself for dm, not the two products it sums
     scaled = ops.mul(summed, ops.view(mns, [1, o]))
     wide = ops.dtype_of(scaled)
     if p.dropout_product is None:
@@ -187,10 +187,21 @@ def dora_forward1(ops, p: DoraForwardOperands) -> DoraForwardResult:
 
 def widened_sum(ops, p: DoraForwardOperands, base):
     """(P, X·Aᵀ) with P = float(X·Wᵀ) + s·float((X·Aᵀ)·Bᵀ) in p.sum_dtype: each product in x's dtype, as
-    torch.autocast computes it, their sum in the wider dtype, as PEFT's type promotion sums them."""  # forward1's FLOPs
+    torch.autocast computes it, their sum in the wider dtype, as PEFT's type promotion sums them.
+
+    In training dm's P is rebuilt in the backward from the two 16-bit products, which are kept instead:
+    as many bytes as P in fp32 (2 + 2 an element), and the forward writes no fp32 [N,o] besides Y."""  # forward1's FLOPs
     xa = ops.recompute(product(ops, XA, p.x, ops.t(p.a)))
-    term = ops.scale(ops.cast(ops.mm(xa, ops.t(p.b)), p.sum_dtype), p.s)
-    return ops.add(ops.cast(base, p.sum_dtype), term), xa
+    xab = ops.mm(xa, ops.t(p.b))
+    wide_base, wide_term = ops.cast(base, p.sum_dtype), ops.cast(xab, p.sum_dtype)
+    scaled_term = ops.scale(wide_term, p.s)
+    summed = ops.add(wide_base, scaled_term)
+    if p.trains:
+        ops.save(base)
+        ops.save(xab)
+        for rebuilt in (wide_base, wide_term, scaled_term, summed):
+            ops.recompute(rebuilt)
+    return summed, xa
 
 
 def dora_forward1_gemms(d: Dims):  # 2·o·r·i + 2N·(i·o + r·i + o·r)

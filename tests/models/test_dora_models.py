@@ -267,6 +267,26 @@ def test_autocast_is_rewritten_and_as_close_to_float64_as_eager(backward, bias, 
     assert site.dropout == bool(dropout)
 
 
+def test_autocast_keeps_the_two_bf16_products_for_dm_and_writes_no_fp32_p(monkeypatch):
+    """Under autocast dm reads P = float(X·Wᵀ) + s·float((X·Aᵀ)·Bᵀ): the forward keeps the two bf16 products
+    (2 + 2 bytes an element, as an fp32 P) and the backward rebuilds P from them, so the forward writes no
+    fp32 P besides Y. Before: P saved in fp32, one more fp32 [N,o] written per site and step."""
+    from helpers import Autocast, compiled_graphs
+
+    model = one_dora_linear()
+    x = torch.randn(3, 8, 20, requires_grad=True)
+    graphs = compiled_graphs(monkeypatch)
+    with debug.collect_reports() as reports:
+        step(runlora(Autocast(model)), x, torch.randn(3, 8, 28))
+    assert sites(reports)[0].forward == "dora-forward1"
+    forward = graphs[0]
+    (output,) = [n for n in forward.nodes if n.op == "output"]
+    saved = output.args[0][1:]   # after the model's one output: what the backward reads
+    n_by_o = sorted(str(a.meta["val"].dtype) for a in saved if isinstance(a, torch.fx.Node)
+                    and a.meta["val"].numel() == 24 * 28)
+    assert n_by_o == ["torch.bfloat16", "torch.bfloat16"], n_by_o
+
+
 def test_autocast_never_takes_a_merged_variant():
     """Forcing forward2 / backward5 under autocast falls back to a factored variant, with the reason."""
     from helpers import Autocast
