@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--gradient-checkpointing", action="store_true",
                      help="model mode: transformers' gradient checkpointing (use_reentrant=False) on every "
                      "implementation's model, the frozen floor's too")
+    how.add_argument("--keep-freed-memory", action="store_true",
+                     help="CPU: glibc's malloc keeps freed memory for reuse (no mmap, no trim), so no step "
+                     "page-faults its buffers in afresh; lowers the noise between implementations, but no "
+                     "longer measures what a default process pays for its fresh buffers (docs/BENCHMARKS.md)")
     how.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     how.add_argument("--threads", type=int, default=None, help="CPU threads (default: every available core)")
     how.add_argument("--rounds", type=int, default=PROTOCOL_MIN_ROUNDS,
@@ -460,6 +464,8 @@ def bench_environment(args, device):
     try:
         if device.type == "cpu":
             torch.set_num_threads(args.threads or measure.available_cores())
+            if args.keep_freed_memory:
+                measure.keep_freed_memory()
         # Every implementation of a case shares one model's code objects: room for all their compiles,
         # so none silently falls back to eager.
         with compat.dynamo_compile_limits_at_least(64), warnings.catch_warnings():
@@ -517,6 +523,9 @@ def run(args, argv, device) -> int:
                              "representative")
     if args.smoke:
         meta["notes"].append("--smoke: rounds / warm-up may be below the protocol's minimum")
+    if args.keep_freed_memory:
+        meta["notes"].append("--keep-freed-memory: glibc's malloc kept freed memory (no mmap, no trim): fresh "
+                             "buffers are not page-faulted in each step")
 
     cases, map_points = [], {}
     shapes = layer_shapes(args) if args.layer else [None]

@@ -58,6 +58,7 @@ class Measurement:
     name: str
     runlora: bool = False
     samples_s: list = field(default_factory=list)
+    page_faults: list = field(default_factory=list)   # minor page faults of each timed step (CPU)
     first_step_s: float | None = None
     peak_bytes: int | None = None          # CUDA: peak over the allocation before the step
     saved_bytes: int | None = None         # bytes saved for backward (parameters excluded)
@@ -155,7 +156,9 @@ def round_robin(impls: Sequence[Implementation], device: torch.device, results: 
         if done >= rounds and on_extra_round:
             on_extra_round()
         for impl in impls:
+            faults = minor_page_faults()
             results[impl.name].samples_s.append(timed_step(impl, device))
+            results[impl.name].page_faults.append(minor_page_faults() - faults)
             if on_step:
                 on_step(impl.name)
         done += 1
@@ -218,6 +221,41 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+INT_MAX = 2**31 - 1
+
+
+def keep_freed_memory() -> None:
+    """Make glibc's malloc keep freed memory in the process for reuse: no mmap for large blocks
+    (M_MMAP_MAX = 0) and no trimming of the heap's top (M_TRIM_THRESHOLD = INT_MAX).
+
+    By default every block above a moving threshold (128 KiB to 32 MiB) is mmap-ed and given back when
+    freed, and the heap's top is trimmed: a step's fresh [N,o] buffers are faulted in page by page again,
+    thousands of minor page faults a step, more or fewer depending on what ran before (docs/BENCHMARKS.md,
+    "Page faults"). The timings then measure the kernels, not that order. Process-wide, for good: glibc
+    has no way back to its adaptive defaults."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+        raise RuntimeError("--keep-freed-memory needs glibc's malloc (mallopt); this process has none")
+    for param, value in ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, INT_MAX)):
+        if libc.mallopt(param, value) != 1:
+            raise RuntimeError(f"glibc's mallopt({param}, {value}) failed")
+
+
+def minor_page_faults() -> int:
+    """This process's minor page faults so far (0 where the platform does not count them)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def machine_info(device: torch.device) -> dict:

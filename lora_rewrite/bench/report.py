@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -56,6 +57,7 @@ class Row:
     sites_rewritten: int | None = None
     variants: dict = field(default_factory=dict)
     samples_ms: list = field(default_factory=list)
+    page_faults_per_step: float | None = None   # median minor page faults of a timed step (CPU)
 
     @property
     def spread_ms(self) -> str:
@@ -94,7 +96,8 @@ def build_rows(measurements: Sequence[Measurement], *, cuda: bool) -> list[Row]:
             max_ms=m.max_s * 1e3, samples=len(m.samples_s), memory_mb=peak if cuda else saved,
             cuda_peak_mb=peak, saved_for_backward_mb=saved, first_step_s=m.first_step_s,
             sites_rewritten=m.runlora_counters.get("sites_rewritten", 0) if m.runlora else None,
-            variants=m.runlora_choices, samples_ms=[s * 1e3 for s in m.samples_s]))
+            variants=m.runlora_choices, samples_ms=[s * 1e3 for s in m.samples_s],
+            page_faults_per_step=statistics.median(m.page_faults) if m.page_faults else None))
     by_name = {r.implementation: r for r in rows}
     eager, inductor, frozen = by_name.get("eager"), by_name.get("inductor"), by_name.get("frozen")
     for row in rows:

@@ -58,6 +58,7 @@ def test_layer_mode(tmp_path, capsys):
         assert rows["inductor"]["sites_rewritten"] is None
         # the frozen linear saves nothing for backward: its dX needs only W, a parameter
         assert rows["frozen"]["saved_for_backward_mb"] == 0
+        assert all(r["page_faults_per_step"] >= 0 for r in case["rows"])   # counted on every timed step
         assert rows["eager"]["saved_for_backward_mb"] > 0
         assert all(r["samples"] == 1 and r["first_step_s"] > 0 for r in rows.values())
     for png in ("layer_speedup.png", "layer_map_i32_o32.png", "layer_map_i32_o48.png"):
