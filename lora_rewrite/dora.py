@@ -23,6 +23,14 @@ as LoRA backward K's (`Variant.lora`).
 The norm is computed as PEFT computes it, in the dtype PEFT computes it in, but with B·A as one
 product (`addmm(W, B, A, alpha=s)`, 2·o·r·i FLOPs) instead of the [i,i] identity (2·i·i·r + 2·i·r·o).
 W′ is never saved for backward; P ([N,o], or P ⊙ mns) is, for dm — the one [N,o] tensor per site DoRA needs.
+Where the base product is 16-bit and P is summed wider (PEFT's fp32 adapters on a 16-bit model, the
+QLoRA recipe; torch.autocast), only the base is kept: with P = X̃·Wᵀ + s·(X̃·Aᵀ)·Bᵀ and LoRA's
+dB° = s·dYᵀ·(X̃·Aᵀ) (before the mns scaling),
+
+    Σₙ dY ⊙ P = Σₙ dY ⊙ (X̃·Wᵀ) + rowsum(dB° ⊙ B)
+
+so the adapter's part of dm comes from a product the backward forms anyway: 2 bytes an element kept
+instead of 4, and no P written in the forward besides Y.
 
 Forward variants: dora-forward1 (factored, P kept) always; dora-forward2 (Y = X·(mns ⊙ W′)ᵀ + b, one
 product; in training P ⊙ mns kept instead of P, see `dora_forward2`) where LoRA's merged forward is legal.
@@ -91,6 +99,7 @@ class DoraForwardResult:
     p: Any = None          # what dm reads: P = X̃·W′ᵀ (forward1), or P ⊙ k [N,o] (forward2 in training)
     p_scale: Any = None    # k [o] with p = P ⊙ k (None: p is P itself)
     xa: Any = None         # X̃·Aᵀ [N,r] (forward1)
+    p_is_base: bool = False  # p is the 16-bit X̃·Wᵀ alone: dm's adapter part comes from dB (see the top)
 
 
 @dataclass
@@ -111,6 +120,7 @@ class DoraBackwardOperands:
     dx: DxMode | None = DxMode.TOTAL
     dx_in_rows: bool = False
     dropout: bool = False
+    p_is_base: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,36 +182,28 @@ def dora_forward1(ops, p: DoraForwardOperands) -> DoraForwardResult:
     if p.sum_dtype is None:
         lora = FORWARD1.compute(ops, ForwardOperands(x=p.x, a=p.a, b=p.b, s=p.s, base=base))
         summed, xa = lora.y, lora.xa
-        if p.trains:
-            ops.save(summed)   # P itself for dm, not the two products it sums
     else:
         summed, xa = widened_sum(ops, p, base)
+    p_is_base = p.trains and ops.is_half(base) and not ops.is_half(summed)
+    if p_is_base:
+        ops.save(base)     # 16-bit X̃·Wᵀ for dm; its adapter part comes from dB
+    elif p.trains:
+        ops.save(summed)   # P itself for dm, not the two products it sums
     scaled = ops.mul(summed, ops.view(mns, [1, o]))
     wide = ops.dtype_of(scaled)
     if p.dropout_product is None:
         y = scaled if p.bias is None else ops.add(scaled, ops.cast(p.bias, wide))
     else:
         y = ops.sub(ops.add(ops.cast(p.base_full, wide), scaled), ops.cast(p.dropout_product, wide))
-    return DoraForwardResult(y, norm, mns, p=summed, xa=xa)
+    return DoraForwardResult(y, norm, mns, p=base if p_is_base else summed, xa=xa, p_is_base=p_is_base)
 
 
 def widened_sum(ops, p: DoraForwardOperands, base):
     """(P, X·Aᵀ) with P = float(X·Wᵀ) + s·float((X·Aᵀ)·Bᵀ) in p.sum_dtype: each product in x's dtype, as
-    torch.autocast computes it, their sum in the wider dtype, as PEFT's type promotion sums them.
-
-    In training dm's P is rebuilt in the backward from the two 16-bit products, which are kept instead:
-    as many bytes as P in fp32 (2 + 2 an element), and the forward writes no fp32 [N,o] besides Y."""  # forward1's FLOPs
+    torch.autocast computes it, their sum in the wider dtype, as PEFT's type promotion sums them."""  # forward1's FLOPs
     xa = ops.recompute(product(ops, XA, p.x, ops.t(p.a)))
-    xab = ops.mm(xa, ops.t(p.b))
-    wide_base, wide_term = ops.cast(base, p.sum_dtype), ops.cast(xab, p.sum_dtype)
-    scaled_term = ops.scale(wide_term, p.s)
-    summed = ops.add(wide_base, scaled_term)
-    if p.trains:
-        ops.save(base)
-        ops.save(xab)
-        for rebuilt in (wide_base, wide_term, scaled_term, summed):
-            ops.recompute(rebuilt)
-    return summed, xa
+    term = ops.scale(ops.cast(ops.mm(xa, ops.t(p.b)), p.sum_dtype), p.s)
+    return ops.add(ops.cast(base, p.sum_dtype), term), xa
 
 
 def dora_forward1_gemms(d: Dims):  # 2·o·r·i + 2N·(i·o + r·i + o·r)
@@ -284,35 +286,30 @@ def _dora_backward_compute(lora: Variant):
     def compute(ops, p: DoraBackwardOperands) -> DoraBackwardResult:
         o = ops.size(p.b, 0)
         column = as_column(ops, p.mns, o)
+        dy = p.dy
         if ops.dtype_of(p.dy) != ops.dtype_of(p.b):
-            result, grad_b = _widened_backward(ops, lora, p, o)
-        else:
-            scaled_b = ops.recompute(ops.mul(p.b, ops.cast(column, ops.dtype_of(p.b))))    # mns ⊙ B [o,r]
-            w_io = None
             if p.dx is DxMode.TOTAL:
-                k = ops.sub(p.mns, 1) if p.dropout else p.mns
-                w_io = ops.recompute(scaled_weight_io(ops, p.w_io, ops.cast(k, ops.dtype_of(p.w_io)), o))
-            result = lora.compute(ops, BackwardOperands(dy=p.dy, x=p.x, a=p.a, b=scaled_b, s=p.s, w_io=w_io,
-                                                        dx=p.dx, dx_in_rows=p.dx_in_rows))
-            grad_b = ops.mul(result.grad_b, ops.cast(column, ops.dtype_of(result.grad_b)))   # mns ⊙ dB
+                raise ValueError("a widened DoRA sum's backward replaces the adapter's dX_a only (DxMode.LORA)")
+            # torch.autocast: LoRA's products in B's 16-bit dtype on dY cast down (an [N,o] pass autograd
+            # makes anyway); only dX_a is returned, the model's own 16-bit base gradient left as it is
+            dy = ops.cast(p.dy, ops.dtype_of(p.b))
+        scaled_b = ops.recompute(ops.mul(p.b, ops.cast(column, ops.dtype_of(p.b))))    # mns ⊙ B [o,r]
+        w_io = None
+        if p.dx is DxMode.TOTAL:
+            k = ops.sub(p.mns, 1) if p.dropout else p.mns
+            w_io = ops.recompute(scaled_weight_io(ops, p.w_io, ops.cast(k, ops.dtype_of(p.w_io)), o))
+        result = lora.compute(ops, BackwardOperands(dy=dy, x=p.x, a=p.a, b=scaled_b, s=p.s, w_io=w_io,
+                                                    dx=p.dx, dx_in_rows=p.dx_in_rows))
+        grad_b = ops.mul(result.grad_b, ops.cast(column, ops.dtype_of(result.grad_b)))   # mns ⊙ dB°
         norm = p.norm if p.p_scale is None else ops.mul(p.norm, p.p_scale)    # p = P ⊙ k: divide k out
-        grad_m = ops.div(token_sum(ops, ops.mul(p.dy, p.p)), norm)                        # Σₙ dY ⊙ P / ‖W′‖
+        dm_sum = token_sum(ops, ops.mul(p.dy, p.p))                                       # Σₙ dY ⊙ P
+        if p.p_is_base:   # p = X̃·Wᵀ: the adapter's part is rowsum(dB° ⊙ B) (the top of this file)
+            wide = ops.dtype_of(dm_sum)
+            dm_sum = ops.add(dm_sum, ops.sum_dim(ops.mul(ops.cast(result.grad_b, wide), ops.cast(p.b, wide)), 1))
+        grad_m = ops.div(dm_sum, norm)                                                    # / ‖W′‖
         return DoraBackwardResult(result.grad_a, grad_b, result.grad_x, grad_m, z1=result.z1, xa=result.xa)
 
     return compute
-
-
-def _widened_backward(ops, lora: Variant, p: DoraBackwardOperands, o):
-    """Under torch.autocast (dY in the sum's dtype, the products in B's): LoRA's backward K on
-    dP = (mns ⊙ dY) cast to the products' dtype, as autograd casts the gradient of the mns-scaled 16-bit
-    term; the cast is an [N,o] pass that must happen anyway, and mns rides in it. Only the adapter's dX_a
-    is returned (DxMode.LORA): the model's own 16-bit base gradient is left as it computes it."""
-    if p.dx is DxMode.TOTAL:
-        raise ValueError("a widened DoRA sum's backward replaces the adapter's dX_a only (DxMode.LORA)")
-    dp = ops.cast(ops.mul(p.dy, ops.view(ops.cast(p.mns, ops.dtype_of(p.dy)), [1, o])), ops.dtype_of(p.b))
-    result = lora.compute(ops, BackwardOperands(dy=dp, x=p.x, a=p.a, b=p.b, s=p.s, w_io=None, dx=p.dx,
-                                                dx_in_rows=p.dx_in_rows))
-    return result, result.grad_b
 
 
 def _dora_backward_guard(lora: Variant):

@@ -94,7 +94,7 @@ def _build_backward(ops: GraphOps, site: Site, variant: Variant, forward) -> tup
         operands = DoraBackwardOperands(
             dy=output_gradient_2d(ops, site), x=chain.x, a=chain.a, b=chain.b, s=chain.scale, norm=forward.norm,
             mns=forward.mns, p=forward.p, p_scale=forward.p_scale, w_io=w_io, dx=mode, dx_in_rows=dx_in_rows(site),
-            dropout=dora.dropout_product is not None)
+            dropout=dora.dropout_product is not None, p_is_base=forward.p_is_base)
         result = variant.compute(ops, operands)
         replacements = gradient_replacements(ops, site, result.grad_a, result.grad_b, result.grad_x)
         if dora.grad_m is not None:

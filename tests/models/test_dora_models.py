@@ -267,24 +267,29 @@ def test_autocast_is_rewritten_and_as_close_to_float64_as_eager(backward, bias, 
     assert site.dropout == bool(dropout)
 
 
-def test_autocast_keeps_the_two_bf16_products_for_dm_and_writes_no_fp32_p(monkeypatch):
-    """Under autocast dm reads P = float(X·Wᵀ) + s·float((X·Aᵀ)·Bᵀ): the forward keeps the two bf16 products
-    (2 + 2 bytes an element, as an fp32 P) and the backward rebuilds P from them, so the forward writes no
-    fp32 P besides Y. Before: P saved in fp32, one more fp32 [N,o] written per site and step."""
+@pytest.mark.parametrize("case", ["autocast", "bf16-base-fp32-adapters"])
+def test_a_16_bit_base_under_a_32_bit_sum_keeps_only_the_base_for_dm(monkeypatch, case):
+    """dm = Σₙ dY ⊙ P / ‖W′‖ with P = X·Wᵀ + s·(X·Aᵀ)·Bᵀ summed in fp32 from a bf16 base product (torch.autocast;
+    PEFT's fp32 adapters on a bf16 model): the forward keeps the bf16 X·Wᵀ alone (2 bytes an element, not
+    an fp32 P's 4 or the two bf16 products) and the backward takes the adapter's part from dB°:
+    rowsum(dB° ⊙ B). The gradients are checked against float64 by the tests above."""
     from helpers import Autocast, compiled_graphs
 
-    model = one_dora_linear()
-    x = torch.randn(3, 8, 20, requires_grad=True)
+    if case == "autocast":
+        model, wrap, dtype = one_dora_linear(), Autocast, torch.float32
+    else:
+        model, wrap, dtype = mixed_dora_linear(), lambda m: m, torch.bfloat16
+    x = torch.randn(3, 8, 20, dtype=dtype, requires_grad=True)
     graphs = compiled_graphs(monkeypatch)
     with debug.collect_reports() as reports:
-        step(runlora(Autocast(model)), x, torch.randn(3, 8, 28))
+        step(runlora(wrap(model)), x, torch.randn(3, 8, 28, dtype=dtype))
     assert sites(reports)[0].forward == "dora-forward1"
     forward = graphs[0]
     (output,) = [n for n in forward.nodes if n.op == "output"]
     saved = output.args[0][1:]   # after the model's one output: what the backward reads
     n_by_o = sorted(str(a.meta["val"].dtype) for a in saved if isinstance(a, torch.fx.Node)
                     and a.meta["val"].numel() == 24 * 28)
-    assert n_by_o == ["torch.bfloat16", "torch.bfloat16"], n_by_o
+    assert n_by_o == ["torch.bfloat16"], n_by_o
 
 
 def test_autocast_never_takes_a_merged_variant():
