@@ -288,10 +288,8 @@ def _dora_backward_compute(lora: Variant):
         column = as_column(ops, p.mns, o)
         dy = p.dy
         if ops.dtype_of(p.dy) != ops.dtype_of(p.b):
-            if p.dx is DxMode.TOTAL:
-                raise ValueError("a widened DoRA sum's backward replaces the adapter's dX_a only (DxMode.LORA)")
             # torch.autocast: LoRA's products in B's 16-bit dtype on dY cast down (an [N,o] pass autograd
-            # makes anyway); only dX_a is returned, the model's own 16-bit base gradient left as it is
+            # makes anyway); with DxMode.TOTAL the model's 16-bit base gradient is that same cast, mns in W
             dy = ops.cast(p.dy, ops.dtype_of(p.b))
         scaled_b = ops.recompute(ops.mul(p.b, ops.cast(column, ops.dtype_of(p.b))))    # mns ⊙ B [o,r]
         w_io = None

@@ -128,15 +128,17 @@ def match_dora_site(anchor: Node, backward: set[Node]) -> Site:
             gradients = _with_dx_sum(gradients, dx_sum)
         elif gradients.grad_x_lora is not None:
             gradient_product = dropout_product if dropout_product is not None else linear.node
-            scale_of_base = _base_output_gradient(mns, minus_one=dropout_product is not None)
+            scale_of_base = _base_output_gradient(mns, minus_one=dropout_product is not None,
+                                                  casts=sum_dtype is not None)
             dx_sum = input_grad_sum(gradients.grad_x_lora, _as_linear(gradient_product, linear, quantized),
                                     lambda gb: scale_of_base(gb, gradients.dy), o)
             if dx_sum is None and not (upcast_base or sum_dtype is not None):
                 raise NoMatch("DoRA: the base's input gradient was not found in the same sum as the adapter's")
             # With the base in a narrower dtype than the adapter, autograd sums its (mns ⊙ dY)·W, in the
-            # base's dtype, with the adapter's dX_a across a cast; under autocast it sums 16-bit casts of
-            # dY and (mns − 1) ⊙ dY: only dX_a is replaced (DxMode.LORA), the base's part stays as it is.
-            gradients = _with_dx_sum(gradients, None if sum_dtype is not None else dx_sum)
+            # base's dtype, with the adapter's dX_a across a cast: only dX_a is replaced (DxMode.LORA), the
+            # base's part stays as it is. Under autocast both are 16-bit, the base's gradient 16-bit casts of
+            # dY and (mns − 1) ⊙ dY: their sum is taken over (DxMode.TOTAL) where found.
+            gradients = _with_dx_sum(gradients, dx_sum)
         grad_m = _magnitude_gradient(norm, backward)
         if grad_m is None and _needs_gradient(magnitude):
             raise NoMatch("DoRA: the magnitude's gradient (a division by the norm) was not found")
@@ -438,11 +440,12 @@ def _number_part(scale: Any) -> float:
     return float(scale) if isinstance(scale, (int, float)) else 1.0
 
 
-def _base_output_gradient(mns: Node, minus_one: bool) -> Callable[[Node, Node], bool]:
-    """(gb, dY) ↦ is gb = mns ⊙ dY (the base result's gradient), or (mns − 1) ⊙ dY with dropout."""
+def _base_output_gradient(mns: Node, minus_one: bool, casts: bool = False) -> Callable[[Node, Node], bool]:
+    """(gb, dY) ↦ is gb = mns ⊙ dY (the base result's gradient), or (mns − 1) ⊙ dY with dropout; `casts`:
+    up to dtype casts (torch.autocast sums 16-bit casts of dY and (mns − 1) ⊙ dY)."""
     def check(gb: Node, dy: Node) -> bool:
-        target = poly.atom(dy)
-        p = poly.expand(gb, is_leaf=lambda n: n is target or n.op == "placeholder")
+        target = poly.atom(dy, casts)
+        p = poly.expand(gb, is_leaf=lambda n: n is target or n.op == "placeholder", casts=casts)
         expected = {poly.monomial(mns, target): 1.0}
         if minus_one:
             expected[(target,)] = -1.0

@@ -292,6 +292,28 @@ def test_a_16_bit_base_under_a_32_bit_sum_keeps_only_the_base_for_dm(monkeypatch
     assert n_by_o == ["torch.bfloat16"], n_by_o
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["no-dropout", "dropout"])
+def test_autocast_takes_over_the_whole_input_gradient_from_one_bf16_dy(monkeypatch, dropout):
+    """Under autocast the base's own input gradient is the bf16 cast of (mns ⊙ dY) — of ((mns − 1) ⊙ dY)
+    onto X̃ with dropout — times the bf16 W, summed with the adapter's: the rewrite takes that sum over
+    (DxMode.TOTAL) with mns folded into W, so the backward casts one fp32 [N,o] down to bf16 (dY, for every
+    product) instead of two (the adapter's and the base's); with dropout the model's own product on X keeps
+    its bf16 dY too (two, instead of three). Numerics: the autocast tests above."""
+    from helpers import Autocast, compiled_graphs
+
+    model = one_dora_linear(dropout=dropout)
+    x = torch.randn(3, 8, 20, requires_grad=True)
+    graphs = compiled_graphs(monkeypatch)
+    with debug.collect_reports() as reports:
+        step(runlora(Autocast(model)), x, torch.randn(3, 8, 28))
+    (site,) = sites(reports)
+    assert site.dx_mode == "total"
+    backward = graphs[1]
+    casts_down = [n for n in backward.nodes if n.target is torch.ops.prims.convert_element_type.default
+                  and n.args[1] == torch.bfloat16 and n.meta["val"].numel() == 24 * 28]
+    assert len(casts_down) == (2 if dropout else 1), casts_down
+
+
 def test_autocast_never_takes_a_merged_variant():
     """Forcing forward2 / backward5 under autocast falls back to a factored variant, with the reason."""
     from helpers import Autocast
