@@ -1,12 +1,15 @@
 """Same-process A/B of forward1's sum onto a 16-bit base with fp32 adapters (docs/BENCHMARKS.md, QDoRA section).
 
-    python scripts/ab_widened_base.py KIND ROUNDS I O R      e.g. qlora 31 512 1376 16
+    python scripts/ab_widened_base.py KIND ROUNDS I O R [kept]      e.g. qlora 31 512 1376 16 kept
 
 KIND: lora, dora, qlora (4-bit base) or qdora; the layer in bf16 with PEFT's fp32 adapters, N = 4096 tokens.
 Times, interleaved in one process (order reversed every other round; medians): the frozen layer, stock
 Inductor twice (the A/A noise), runlora as it is, and `runlora-old`: runlora with forward1's former form
 restored by a patch while that model compiles (the base widened to the adapter's dtype, then addmm onto it).
-Each model is compiled through a wrapper class of its own: Dynamo's frame cache is shared across backends.
+Each model is compiled through a wrapper class of its own (Dynamo's frame cache is shared across backends), with
+the compile caches off (before 2026-12-06 they were on: `runlora-old` may have been served runlora's graph).
+`kept`: glibc's malloc keeps freed memory (runlora-bench --keep-freed-memory): no step page-faults its fresh
+buffers in again, which otherwise moves these timings by more than the change measured.
 """
 
 import copy
@@ -17,6 +20,8 @@ import time
 import torch
 
 from lora_rewrite import variants
+from lora_rewrite.bench import measure
+from lora_rewrite.compat import fresh_compile_caches
 from lora_rewrite.bench.layer import LayerShape, ProbeLoss, build_layer_models, layer_loss_step, make_layer_inputs
 
 
@@ -28,6 +33,9 @@ def wrapper(name):
 def main(argv) -> None:
     torch.set_num_threads(2)
     kind, rounds, i, o, r = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), int(argv[4])
+    kept = argv[5:] == ["kept"]
+    if kept:
+        measure.keep_freed_memory()
     dtype = torch.bfloat16
     shape = LayerShape(i=i, o=o, tokens=4096, r=r, batch=32)
     peft, frozen = build_layer_models(shape, r=r, alpha=r, dropout=0.0, bias=False, dtype=dtype,
@@ -50,9 +58,11 @@ def main(argv) -> None:
     def run(name):
         steps[name]().backward()
 
-    for name in steps:   # the first calls compile
+    for name in steps:   # the first calls compile, each from scratch (a cache hit would serve the other graph)
         object.__setattr__(variants.FORWARD1, "compute", widened_first if name == "runlora-old" else current)
-        for _ in range(3):
+        with fresh_compile_caches():
+            run(name)
+        for _ in range(2):
             run(name)
     object.__setattr__(variants.FORWARD1, "compute", current)
     times = {name: [] for name in steps}
@@ -62,7 +72,8 @@ def main(argv) -> None:
             run(name)
             times[name].append(time.perf_counter() - start)
     median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-    print(f"{kind} i={i} o={o} r={r} bf16 fp32 adapters, {rounds} rounds")
+    print(f"{kind} i={i} o={o} r={r} bf16 fp32 adapters, {rounds} rounds"
+          + (", freed memory kept" if kept else ""))
     for name in steps:
         print(f"  {name:15s} {median[name] * 1e3:7.2f} ms  overhead {median[name] / median['frozen'] - 1:+.3f}")
     print(f"  runlora vs runlora-old {1 - median['runlora'] / median['runlora-old']:+.1%}, "

@@ -1,0 +1,80 @@
+"""Same-process A/B of DoRA's whole input gradient under torch.autocast (docs/BENCHMARKS.md, "DoRA with a 16-bit
+base under a 32-bit sum").
+
+    python scripts/ab_autocast_dx_total.py ROUNDS I O R [kept]      e.g. 31 1024 1024 64 kept
+
+One DoRA linear (fp32 model, every forward under torch.autocast(bfloat16)), N = 4096 tokens. Times, interleaved
+in one process (order reversed every other round; medians): the frozen layer, stock Inductor twice (the A/A
+noise), runlora as it is (DxMode.TOTAL: the whole input gradient from one bf16 dY), and `runlora-lora-dx`:
+runlora with the matcher's autocast input-gradient sum disabled by a patch while that model compiles (only the
+adapter's dX_a replaced, the model's own bf16 base gradient kept, as before `411ab3a`). Each model is compiled
+through a wrapper class of its own (Dynamo's frame cache is shared across backends), with the compile caches off. `kept`: glibc's malloc keeps
+freed memory (runlora-bench --keep-freed-memory).
+"""
+
+import copy
+import sys
+import time
+
+import torch
+
+from lora_rewrite.bench import measure
+from lora_rewrite.compat import fresh_compile_caches
+from lora_rewrite.bench.layer import LayerShape, ProbeLoss, build_layer_models, layer_loss_step, make_layer_inputs
+from lora_rewrite.passes import match_dora
+
+
+def wrapper(name):
+    return type("Probe_" + name.replace("-", "_"), (ProbeLoss,),
+                {"forward": lambda self, *a, **k: ProbeLoss.forward(self, *a, **k)})
+
+
+def main(argv) -> None:
+    torch.set_num_threads(2)
+    rounds, i, o, r = int(argv[0]), int(argv[1]), int(argv[2]), int(argv[3])
+    kept = argv[4:] == ["kept"]
+    if kept:
+        measure.keep_freed_memory()
+    cpu = torch.device("cpu")
+    shape = LayerShape(i=i, o=o, tokens=4096, r=r, batch=32)
+    peft, frozen = build_layer_models(shape, r=r, alpha=r, dropout=0.0, bias=False, dtype=torch.float32, device=cpu,
+                                      fp32_adapters=False, use_dora=True, bits4=False)
+    inputs = make_layer_inputs(shape, dtype=torch.float32, device=cpu)
+    models = {"frozen": torch.compile(wrapper("frozen")(frozen, inputs.probe)),
+              "inductor": torch.compile(wrapper("inductor")(copy.deepcopy(peft), inputs.probe)),
+              "inductor-again": torch.compile(wrapper("inductor-again")(copy.deepcopy(peft), inputs.probe)),
+              "runlora": torch.compile(wrapper("runlora")(copy.deepcopy(peft), inputs.probe), backend="runlora"),
+              "runlora-lora-dx": torch.compile(wrapper("runlora-lora-dx")(peft, inputs.probe), backend="runlora")}
+    steps = {name: measure.under_autocast(layer_loss_step(model, inputs), cpu) for name, model in models.items()}
+    current = match_dora._base_output_gradient
+
+    def not_through_casts(mns, minus_one, casts=False):
+        return (lambda gb, dy: False) if casts else current(mns, minus_one)
+
+    def run(name):
+        steps[name]().backward()
+
+    for name in steps:   # the first calls compile, each from scratch (a cache hit would serve the other graph)
+        match_dora._base_output_gradient = not_through_casts if name == "runlora-lora-dx" else current
+        with fresh_compile_caches():
+            run(name)
+        for _ in range(2):
+            run(name)
+    match_dora._base_output_gradient = current
+    times = {name: [] for name in steps}
+    for k in range(rounds):
+        for name in (list(steps) if k % 2 == 0 else list(steps)[::-1]):
+            start = time.perf_counter()
+            run(name)
+            times[name].append(time.perf_counter() - start)
+    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    print(f"dora autocast i={i} o={o} r={r}, {rounds} rounds" + (", freed memory kept" if kept else ""))
+    for name in steps:
+        print(f"  {name:15s} {median[name] * 1e3:7.2f} ms  overhead {median[name] / median['frozen'] - 1:+.3f}")
+    print(f"  runlora vs runlora-lora-dx {1 - median['runlora'] / median['runlora-lora-dx']:+.1%}, "
+          f"vs inductor {1 - median['runlora'] / median['inductor']:+.1%}, "
+          f"A/A {1 - median['inductor-again'] / median['inductor']:+.1%}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
