@@ -14,7 +14,6 @@ freed memory (runlora-bench --keep-freed-memory).
 
 import copy
 import sys
-import time
 
 import torch
 
@@ -61,19 +60,9 @@ def main(argv) -> None:
         for _ in range(2):
             run(name)
     match_dora._base_output_gradient = current
-    times = {name: [] for name in steps}
-    for k in range(rounds):
-        for name in (list(steps) if k % 2 == 0 else list(steps)[::-1]):
-            start = time.perf_counter()
-            run(name)
-            times[name].append(time.perf_counter() - start)
-    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-    print(f"dora autocast i={i} o={o} r={r}, {rounds} rounds" + (", freed memory kept" if kept else ""))
-    for name in steps:
-        print(f"  {name:15s} {median[name] * 1e3:7.2f} ms  overhead {median[name] / median['frozen'] - 1:+.3f}")
-    print(f"  runlora vs runlora-lora-dx {1 - median['runlora'] / median['runlora-lora-dx']:+.1%}, "
-          f"vs inductor {1 - median['runlora'] / median['inductor']:+.1%}, "
-          f"A/A {1 - median['inductor-again'] / median['inductor']:+.1%}")
+    median = measure.alternating_medians(run, list(steps), rounds)
+    title = f"dora autocast i={i} o={o} r={r}, {rounds} rounds" + (", freed memory kept" if kept else "")
+    print("\n".join(measure.ab_summary(title, median, "runlora-lora-dx")))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ buffers in again, which otherwise moves these timings by more than the change me
 import copy
 import dataclasses
 import sys
-import time
 
 import torch
 
@@ -65,20 +64,9 @@ def main(argv) -> None:
         for _ in range(2):
             run(name)
     object.__setattr__(variants.FORWARD1, "compute", current)
-    times = {name: [] for name in steps}
-    for k in range(rounds):
-        for name in (list(steps) if k % 2 == 0 else list(steps)[::-1]):
-            start = time.perf_counter()
-            run(name)
-            times[name].append(time.perf_counter() - start)
-    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-    print(f"{kind} i={i} o={o} r={r} bf16 fp32 adapters, {rounds} rounds"
-          + (", freed memory kept" if kept else ""))
-    for name in steps:
-        print(f"  {name:15s} {median[name] * 1e3:7.2f} ms  overhead {median[name] / median['frozen'] - 1:+.3f}")
-    print(f"  runlora vs runlora-old {1 - median['runlora'] / median['runlora-old']:+.1%}, "
-          f"vs inductor {1 - median['runlora'] / median['inductor']:+.1%}, "
-          f"A/A {1 - median['inductor-again'] / median['inductor']:+.1%}")
+    median = measure.alternating_medians(run, list(steps), rounds)
+    title = f"{kind} i={i} o={o} r={r} bf16 fp32 adapters, {rounds} rounds" + (", freed memory kept" if kept else "")
+    print("\n".join(measure.ab_summary(title, median, "runlora-old")))
 
 
 if __name__ == "__main__":

@@ -164,6 +164,29 @@ def round_robin(impls: Sequence[Implementation], device: torch.device, results: 
         done += 1
 
 
+def alternating_medians(run: Callable[[str], None], names: Sequence[str], rounds: int) -> dict[str, float]:
+    """Median seconds of `run(name)` for each name over `rounds` interleaved rounds, the order reversed every
+    other round: the same-process A/Bs of scripts/ (ab_*.py)."""
+    times: dict[str, list] = {name: [] for name in names}
+    for k in range(rounds):
+        for name in (list(names) if k % 2 == 0 else list(names)[::-1]):
+            start = time.perf_counter()
+            run(name)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def ab_summary(title: str, median: dict[str, float], old: str) -> list[str]:
+    """The lines an A/B script prints: each median and overhead over `frozen`, then runlora against `old`,
+    against stock Inductor, and the A/A (inductor-again against inductor)."""
+    lines = [title] + [f"  {name:15s} {t * 1e3:7.2f} ms  overhead {t / median['frozen'] - 1:+.3f}"
+                       for name, t in median.items()]
+    lines.append(f"  runlora vs {old} {1 - median['runlora'] / median[old]:+.1%}, "
+                 f"vs inductor {1 - median['runlora'] / median['inductor']:+.1%}, "
+                 f"A/A {1 - median['inductor-again'] / median['inductor']:+.1%}")
+    return lines
+
+
 def saved_for_backward_bytes(impl: Implementation) -> int:
     """Bytes of the distinct storages autograd saves for backward during one step's forward; the
     model's own parameters and buffers are excluded (saving them costs no memory)."""

@@ -240,3 +240,18 @@ def test_keep_freed_memory_stops_fresh_buffers_page_faulting_in_again():
 
     assert faults("default") >= 16384 // 2
     assert faults("kept") < 1000
+
+
+def test_alternating_medians_reverse_the_order_every_other_round_and_ab_summary_reads_them():
+    from lora_rewrite.bench import measure
+
+    order = []
+    median = measure.alternating_medians(order.append, ["frozen", "inductor", "inductor-again", "runlora", "old"], 3)
+    assert order == ["frozen", "inductor", "inductor-again", "runlora", "old",
+                     "old", "runlora", "inductor-again", "inductor", "frozen",
+                     "frozen", "inductor", "inductor-again", "runlora", "old"]
+    assert set(median) == set(order) and all(t >= 0 for t in median.values())
+    lines = measure.ab_summary("case", {"frozen": 1.0, "inductor": 2.0, "inductor-again": 2.0, "runlora": 1.5,
+                                        "old": 3.0}, "old")
+    assert lines[0] == "case" and "overhead +0.500" in lines[4]
+    assert lines[-1] == "  runlora vs old +50.0%, vs inductor +25.0%, A/A +0.0%"
