@@ -258,7 +258,7 @@ def keep_freed_memory() -> None:
     By default every block above a moving threshold (128 KiB to 32 MiB) is mmap-ed and given back when
     freed, and the heap's top is trimmed: a step's fresh [N,o] buffers are faulted in page by page again,
     thousands of minor page faults a step, more or fewer depending on what ran before (docs/BENCHMARKS.md,
-    "Page faults"). The timings then measure the kernels, not that order. Process-wide, for good: glibc
+    "Page faults"). With it, after a few warm-up steps, no step faults: the timings measure the kernels. Process-wide, for good: glibc
     has no way back to its adaptive defaults."""
     import ctypes
     import ctypes.util

@@ -219,11 +219,11 @@ from lora_rewrite.bench import measure
 if sys.argv[1] == "kept":
     measure.keep_freed_memory()
 faults = []
-for _ in range(4):   # a 64 MiB buffer, written, freed: what a step does with its fresh [N,o] tensors
+for _ in range(10):   # a 64 MiB buffer, written, freed: what a step does with its fresh [N,o] tensors
     before = measure.minor_page_faults()
     torch.empty(16 * 2**20).fill_(1.0)
     faults.append(measure.minor_page_faults() - before)
-print(min(faults[1:]))
+print(max(faults[-4:]), min(faults[-4:]))   # after a few steps' warm-up (glibc settles in one to four)
 """
 
 
@@ -236,10 +236,11 @@ def test_keep_freed_memory_stops_fresh_buffers_page_faulting_in_again():
     def faults(mode):
         done = subprocess.run([sys.executable, "-c", KEEP_FREED_MEMORY_PROBE, mode], capture_output=True,
                               text=True, check=True)
-        return int(done.stdout.split()[-1])
+        most, fewest = done.stdout.split()[-2:]
+        return int(most), int(fewest)
 
-    assert faults("default") >= 16384 // 2
-    assert faults("kept") < 1000
+    assert faults("default")[1] >= 16384 // 2   # every buffer faulted in again
+    assert faults("kept")[0] < 1000             # none, once warm
 
 
 def test_alternating_medians_reverse_the_order_every_other_round_and_ab_summary_reads_them():
