@@ -8,8 +8,8 @@ in one process (order reversed every other round; medians): the frozen layer, st
 noise), runlora as it is (DxMode.TOTAL: the whole input gradient from one bf16 dY), and `runlora-lora-dx`:
 runlora with the matcher's autocast input-gradient sum disabled by a patch while that model compiles (only the
 adapter's dX_a replaced, the model's own bf16 base gradient kept, as before `411ab3a`). Each model is compiled
-through a wrapper class of its own (Dynamo's frame cache is shared across backends), with the compile caches off. `kept`: glibc's malloc keeps
-freed memory (runlora-bench --keep-freed-memory).
+through a wrapper class of its own (Dynamo's frame cache is shared across backends), with the compile caches
+off. `kept`: glibc's malloc keeps freed memory (runlora-bench --keep-freed-memory).
 """
 
 import copy

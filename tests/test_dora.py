@@ -199,3 +199,27 @@ def test_token_sum_sums_in_row_blocks_on_a_cpu_accumulating_in_fp32(n, blocks, d
     assert bool(((total.double() - exact).abs() <= rounding_once).all())
     meta = Recording()
     assert token_sum(meta, torch.empty(96, 37, device="meta")).shape == (37,) and meta.reshapes == []
+
+
+BASE_ONLY_CASES = [(v, dropout) for v in DORA_BACKWARDS if not v.merges_weight for dropout in (False, True)]
+
+
+@pytest.mark.parametrize("backward,dropout", BASE_ONLY_CASES,
+                         ids=[f"{v.name}-{'dropout' if d else 'no-dropout'}" for v, d in BASE_ONLY_CASES])
+def test_dm_from_the_base_alone_and_db_equals_peft_in_float64(backward, dropout):
+    """p_is_base (a 16-bit base under a wider sum keeps only X̃·Wᵀ):
+    dm = (Σₙ dY ⊙ X̃·Wᵀ + rowsum(dB° ⊙ B)) / ‖W′‖ equals PEFT's Σₙ dY ⊙ P / ‖W′‖, in every unmerged
+    backward, with and without dropout."""
+    t = tensors()
+    *_, dm_ref = peft_dora(t, dropout)
+    fwd, _ = run_dora(DORA_FORWARDS[0], None, t, dropout, FORMS["direct"])
+    x_lora = t["x"] * t["mask"] if dropout else t["x"]
+    base = x_lora @ t["w"].t()
+    bwd = backward.compute(EagerOps(FORMS["direct"]), DoraBackwardOperands(
+        dy=t["dy"], x=x_lora, a=t["a"], b=t["b"], s=S, norm=fwd.norm, mns=fwd.mns, p=base, w_io=t["w"].t(),
+        dx=DxMode.TOTAL, dropout=dropout, p_is_base=True))
+    assert close(dm_ref, bwd.grad_m)
+    without = backward.compute(EagerOps(FORMS["direct"]), DoraBackwardOperands(
+        dy=t["dy"], x=x_lora, a=t["a"], b=t["b"], s=S, norm=fwd.norm, mns=fwd.mns, p=base, w_io=t["w"].t(),
+        dx=DxMode.TOTAL, dropout=dropout))
+    assert not close(dm_ref, without.grad_m)   # the adapter's part is really there

@@ -258,8 +258,8 @@ def keep_freed_memory() -> None:
     By default every block above a moving threshold (128 KiB to 32 MiB) is mmap-ed and given back when
     freed, and the heap's top is trimmed: a step's fresh [N,o] buffers are faulted in page by page again,
     thousands of minor page faults a step, more or fewer depending on what ran before (docs/BENCHMARKS.md,
-    "Page faults"). With it, after a few warm-up steps, no step faults: the timings measure the kernels. Process-wide, for good: glibc
-    has no way back to its adaptive defaults."""
+    "Page faults"). With it, after a few warm-up steps, no step faults: the timings measure the kernels.
+    Process-wide, for good: glibc has no way back to its adaptive defaults."""
     import ctypes
     import ctypes.util
 
