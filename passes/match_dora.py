@@ -15,8 +15,8 @@ expression and Inductor's passes left it in: `mns·(X·Wᵀ) + b + s·mns·lora`
 identity, the magnitude's gradient as the one backward division by that norm. What is not established
 raises NoMatch(reason) and the site is left untouched. A DoRA site whose backward is not in the expected
 form is left untouched as a whole: its forward alone cannot be rewritten without keeping the old one.
-The norm is read in passes/match_dora_norm.py; the sum on a bitsandbytes 4-bit base (QDoRA) in
-passes/match_dora_4bit.py.
+The norm is read in passes/match_dora_norm.py; the sum's dtypes in passes/match_dora_dtypes.py; the sum on
+a bitsandbytes 4-bit base (QDoRA) in passes/match_dora_4bit.py.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from lora_rewrite.passes.fx import (ADDMM, CASTS, MM, MUL, VIEWS, WEIGHT_OPS, dt
                                     same_shape, same_size, same_value, shape, strip_layout, transpose_source)
 from lora_rewrite.passes.match_dora_4bit import (ON_A_4BIT_BASE, ON_A_4BIT_BASE_MIXED, check_narrowed, has_4bit_term,
                                                  read_4bit_terms)
+from lora_rewrite.passes.match_dora_dtypes import adapter_reads_base_input, check_dtypes
 from lora_rewrite.passes.match_dora_norm import is_identity, is_linear_weight, match_norm, strip_casts
 from lora_rewrite.passes.match_quantized import dequantized_weight, is_dequantized_weight_of
 from lora_rewrite.passes.provenance import provenance_of
@@ -88,14 +89,11 @@ def match_dora_site(anchor: Node, backward: set[Node]) -> Site:
     if narrowed:
         upcast_base, sum_dtype = check_narrowed(xab, base, mns, out, dropout_product), None
     else:
-        upcast_base, sum_dtype = _check_dtypes(xab, base, mns, out, dropout_product)
+        upcast_base, sum_dtype = check_dtypes(xab, base, mns, out, dropout_product)
     if quantized is not None and sum_dtype is not None:
         raise NoMatch(f"DoRA: {ON_A_4BIT_BASE_MIXED}")
-    # On a 4-bit base the model's own product Q is reused, never recomputed from X: its input need only be X's
-    # rows through casts (the QLoRA recipe's fp32 norms feed the fp32 adapter X, bitsandbytes casts it to bf16).
-    if dropout_product is None and not (same_rows(base_x, x) or upcast_base and _is_upcast_of(x, base_x)
-                                        or sum_dtype is not None and _same_values_through_casts(x, base_x)
-                                        or quantized is not None and _same_rows_through_casts(x, base_x)):
+    if dropout_product is None and not adapter_reads_base_input(x, base_x, upcast_base, sum_dtype,
+                                                                quantized is not None):
         raise NoMatch("DoRA: the adapter's input is not provably the base's input")
     if dropout_product is not None and not same_rows(dropout_product.args[0], x):
         raise NoMatch("DoRA: the second base product does not read the adapter's input")
@@ -160,77 +158,6 @@ def match_dora_site(anchor: Node, backward: set[Node]) -> Site:
                 backward_note="", dims=Dims(n, i, o, r, needs_dx=needs_dx), facts=facts, dora=dora)
 
 
-def _check_dtypes(xab: Node, base: Node, mns: Node, out: Node,
-                  dropout_product: Node | None) -> tuple[bool, torch.dtype | None]:
-    """(is the base result upcast into the adapter's sum, the sum's dtype where wider than the products').
-
-    - One dtype: (False, None).
-    - PEFT's default on a 16-bit model keeps the adapters and m in fp32: X is cast up for the adapter, the
-      16-bit base result enters the fp32 sum, and W is cast up for the norm (and for the second product,
-      with dropout): (True, None).
-    - torch.autocast: every product (base and adapter) in 16 bits, m and the norm in fp32, so PEFT's sum
-      is fp32 by type promotion: (False, fp32)."""
-    adapter = dtype(xab)
-    if dtype(mns) == dtype(out) == torch.float32 and adapter in (torch.float16, torch.bfloat16) \
-            and dtype(base) == adapter and (dropout_product is None or dtype(dropout_product) == adapter):
-        return False, torch.float32
-    if dtype(mns) != adapter or dtype(out) != adapter:
-        raise NoMatch(f"DoRA: the sum mixes dtypes (adapter {adapter}, magnitude {dtype(mns)}, sum "
-                      f"{dtype(out)}): only a sum in the adapter's dtype, or an fp32 sum of 16-bit products "
-                      "(torch.autocast), is rewritten")
-    base = dtype(base)
-    if base == adapter:
-        return False, None
-    if not (adapter == torch.float32 and base in (torch.float16, torch.bfloat16)):
-        raise NoMatch(f"DoRA: the base computes in {base}, the adapter in {adapter}: only a 16-bit base "
-                      "upcast into an fp32 adapter's sum is rewritten")
-    if dropout_product is not None and dtype(dropout_product) != adapter:
-        raise NoMatch("DoRA: the second base product is not in the adapter's dtype")
-    return True, None
-
-
-def _is_upcast_of(x: Node, base_x: Node) -> bool:
-    """X [N,i] is the base's input, cast to the adapter's dtype (through views of the same rows)."""
-    source = strip_layout(x)
-    return is_call(source, *CASTS) and dtype(source.args[0]) == dtype(base_x) and same_rows(source.args[0], base_x)
-
-
-def _same_values_through_casts(x: Node, base_x: Node) -> bool:
-    """X [N,i] holds the base's input rows, through casts that give back the same values (under autocast
-    PEFT casts a 16-bit X up to the adapter's fp32 and autocast casts it back down; Inductor's joint
-    passes may leave one cast from a dtype to itself) and casts that commute with views (transformers'
-    Conv1D views X to rows before autocast casts it; the adapter casts X before viewing it)."""
-    source_x, casts_x = _cast_free(x)
-    source_b, casts_b = _cast_free(base_x)
-    return source_x is source_b and casts_x == casts_b and same_size(shape(x)[-1], shape(base_x)[-1])
-
-
-def _same_rows_through_casts(x: Node, base_x: Node) -> bool:
-    """X [N,i] and the base's input are the same rows up to casts in either direction (and views)."""
-    return _cast_free(x)[0] is _cast_free(base_x)[0] and same_size(shape(x)[-1], shape(base_x)[-1])
-
-
-def _cast_free(value: Node) -> tuple[Node, tuple]:
-    """(the node under value's views and casts, the dtypes it goes through from there: casts to the same
-    dtype left out, 16 → 32 → 16 bits round trips (exact) folded)."""
-    node, casts = value, []
-    while is_call(strip_layout(node), *CASTS):
-        node = strip_layout(node)
-        casts.append(dtype(node))
-        node = node.args[0]
-    node = strip_layout(node)
-    path = [dtype(node)]
-    for cast in reversed(casts):
-        if cast == path[-1]:
-            continue
-        if len(path) >= 2 and path[-1] == torch.float32 and cast == path[-2] \
-                and cast in (torch.float16, torch.bfloat16):
-            path.pop()
-            continue
-        path.append(cast)
-    return node, tuple(path)
-
-
 # --- the forward sum -------------------------------------------------------------------------------------
 
 def forward_user(node: Node, backward: set[Node]) -> Node | None:
@@ -255,7 +182,7 @@ def _dora_sum(xab: Node, backward: set[Node]):
             break
         # Under autocast the 16-bit products are summed in fp32, and PEFT subtracts the fp32 bias from a
         # product that added its bf16 copy: read that sum with casts looked through (the dtypes are
-        # checked after, `_check_dtypes`: only such a widened sum is read this way).
+        # checked after, `match_dora_dtypes.check_dtypes`: only such a widened sum is read this way).
         widened = dtype(xab) in (torch.float16, torch.bfloat16) and dtype(node) == torch.float32
         # PEFT's bitsandbytes layer casts an fp32 DoRA term to the 16-bit base's dtype before its sum
         # (fp32 adapters on a 16-bit compute dtype, the QLoRA recipe): read through casts as well, on a
