@@ -23,8 +23,9 @@ def dora_model(family="llama", **config):
 def test_every_dora_linear_is_rewritten_and_the_graphs_are_stock_inductor_s(family):
     """One step equals eager PEFT DoRA; every DoRA linear is a rewritten site with its backward; and
     Dynamo compiles the same graphs and breaks as stock Inductor's pipeline (with the stand-in both have:
-    lora_rewrite/traceable_peft.py) on the same two steps."""
-    model = dora_model(family)
+    lora_rewrite/traceable_peft.py) on the same two steps. One decoder layer: every layer is the same
+    graph, and the plain-LoRA family tests (tests/models/test_families.py) run two."""
+    model = dora_model(family, layers=1)
     eager_model, compiled_model, stock_model = twins(model, 3)
     with debug.collect_reports() as reports:
         compiled = runlora(compiled_model)
@@ -468,9 +469,9 @@ def test_gradient_checkpointing_rewrites_every_checkpointed_dora_layer():
     empty dict instead, so the checkpointed decoder layers are traced and every DoRA site is rewritten,
     forward and backward. The graphs and breaks are plain LoRA's under checkpointing (PEFT's input-gradient
     hook) and stock Inductor's on the same model; the steps equal eager PEFT's."""
-    model = dora_model("llama")
+    model = dora_model("llama", layers=1)
     eager_model, compiled_model, stock_model = twins(model, 3)
-    lora_twin = peft_model("llama")
+    lora_twin = peft_model("llama", layers=1)
     for m in (eager_model, compiled_model, stock_model, lora_twin):
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.train()

@@ -235,7 +235,7 @@ def test_gradient_checkpointing_saves_no_more_than_stock_inductor(use_dora):
     saved like any others, and runlora held 3× stock Inductor's bytes for backward on this model."""
     from helpers import activation_bytes_saved_for_backward
 
-    model = peft_model("llama", use_dora=use_dora)
+    model = peft_model("llama", layers=1, use_dora=use_dora)
     saved = {}
     for name, backend, m in zip(("runlora", "stock"), (runlora, stock), twins(model, 2)):
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
