@@ -41,6 +41,7 @@ class Stage(enum.Enum):
     REWRITE = "rewriting"
     FUSE = "sibling fusion"
     GUARD = "guarding the token count"
+    MERGE = "merging duplicate casts"
     SORT = "topological sort"
     LINT = "graph lint"
     COMPILE = "Inductor compiling the rewritten graph"

@@ -6,7 +6,8 @@
   stderr handler is attached if nothing else shows the logger's records.
 - Counters in `torch._dynamo.utils.counters["runlora"]`: graphs, sites_found, sites_rewritten,
   backward_rewritten, sites_skipped, chose_<variant> per chosen variant, sibling_groups_fused,
-  sibling_products_fused, sites_failed and graphs_failed (exceptions runlora contained: the site, or
+  sibling_products_fused, casts_merged (casts the rewrite repeated, merged with the graph's own), sites_failed
+  and graphs_failed (exceptions runlora contained: the site, or
   the whole graph, left as stock Inductor compiles it; lora_rewrite/containment.py), and
   graphs_from_cache (graphs served from the compile cache, counted in the others as they were when
   compiled).
@@ -185,6 +186,7 @@ class GraphReport:
     fused: list[FusionReport] = field(default_factory=list)
     served_from_cache: bool = False   # True: a compile-cache hit; the pass ran when the graph was compiled
     failures: list[FailureReport] = field(default_factory=list)  # contained exceptions (site or graph)
+    casts_merged: int = 0   # casts the rewrite repeated, merged with the graph's own (passes/fx.py)
 
     @property
     def graph_failed(self) -> bool:
@@ -205,7 +207,12 @@ class GraphReport:
                    skipped=[SkipReport(**k) for k in data["skipped"]],
                    fused=[FusionReport(**f) for f in data["fused"]],
                    served_from_cache=data.get("served_from_cache", False),
-                   failures=[FailureReport(**f) for f in data.get("failures", [])])
+                   failures=[FailureReport(**f) for f in data.get("failures", [])],
+                   casts_merged=data.get("casts_merged", 0))
+
+    def merged_line(self) -> str:
+        return (f"merged {self.casts_merged} cast(s) the rewrite added with the same cast already in the graph "
+                "(one value to one dtype, computed once)")
 
     def __str__(self) -> str:
         kind = f"{self.kind}, served from the compile cache" if self.served_from_cache else self.kind
@@ -230,6 +237,8 @@ class GraphReport:
                 lines.append(f"  note {s.module}: {note}")
         for f in self.fused:
             lines.append(f"  {f.line()}")
+        if self.casts_merged:
+            lines.append(f"  {self.merged_line()}")
         for k in self.skipped:
             lines.append(f"  untouched {k.module}: {k.reason}")
         for f in self.failures:
@@ -324,6 +333,8 @@ def _count(report: GraphReport, sign: int = 1) -> None:
     for f in report.fused:
         counters["sibling_groups_fused"] += sign
         counters["sibling_products_fused"] += sign * len(f.modules)
+    if report.casts_merged:
+        counters["casts_merged"] += sign * report.casts_merged
 
 
 def record_late_failure(reports: list[GraphReport], failure: FailureReport, error: BaseException, *,
@@ -342,6 +353,7 @@ def record_late_failure(reports: list[GraphReport], failure: FailureReport, erro
             if rewrite_undone:
                 report.sites.clear()
                 report.fused.clear()
+                report.casts_merged = 0
             report.failures.append(failure)
             _count(report, +1)
 
@@ -355,6 +367,8 @@ def _publish(report: GraphReport, *, debug: bool) -> None:
         log.debug("rewrote %s%s", s.line(), served)
     for f in report.fused:
         log.debug("%s%s", f.line(), served)
+    if report.casts_merged:
+        log.debug("%s%s", report.merged_line(), served)
     for k in report.skipped:
         log.debug("%s%s", k.line(), served)
     if report.served_from_cache:

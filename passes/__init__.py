@@ -19,6 +19,7 @@ from lora_rewrite.containment import GraphSnapshot, SiteHalfRewritten, Stage, St
 from lora_rewrite.dump import GraphCapture
 from lora_rewrite.options import RunLoraOptions
 from lora_rewrite.passes.fuse import fuse_siblings
+from lora_rewrite.passes.fx import merge_duplicate_casts
 from lora_rewrite.passes.match import match_graph, match_site
 from lora_rewrite.passes.plan import guard_token_counts, plan_site
 from lora_rewrite.passes.provenance import provenance_of
@@ -76,6 +77,7 @@ def rewrite_graph(graph: Graph, options: RunLoraOptions) -> debug.GraphReport:
         debug.warn_contained(graph_failure, failure.error)
         report.sites.clear()
         report.fused.clear()
+        report.casts_merged = 0
         report.failures.append(graph_failure)
     debug.publish(report, debug=options.debug)
     capture.finish(report)
@@ -172,6 +174,7 @@ def _rewrite_sites(graph: Graph, anchors: list, backward: set, options: RunLoraO
             report.fused.append(debug.FusionReport(fusion.kind.name, [s.module_path for s in fusion.sites],
                                                    fusion.ranks))
     if report.sites:
+        report.casts_merged = _graph_stage(options, Stage.MERGE, merge_duplicate_casts, graph)
         _graph_stage(options, Stage.SORT, compat.stable_topological_sort, graph)
         _graph_stage(options, Stage.LINT, graph.lint)
 

@@ -306,3 +306,53 @@ def erase_unused(graph: Graph, candidates: Iterable[Node], erasable: Callable[[N
         inputs = list(node.all_input_nodes)
         graph.erase_node(node)
         pending.extend(i for i in inputs if i.op == "call_function")
+
+
+# --- merging -------------------------------------------------------------------------------------------
+
+# The tags that decide how the partitioner treats a node (checkpointed regions): casts merge only when
+# theirs are equal, so merging never changes what is saved or recomputed.
+PARTITION_META = ("recompute", "ac_graph_id", "partitioner_tag")
+
+
+def merge_duplicate_casts(graph: Graph) -> int:
+    """Merge each cast the pass added with an identical cast already in the graph (the same value to the same
+    dtype: under torch.autocast with lora_dropout the model's own base product and the adapter's products
+    each cast dY to 16 bits), keeping the first in graph order; a cast of the pass's view of a value, where
+    the graph casts the value itself, becomes that view of the graph's cast (a cast commutes with a view).
+    Returns how many casts were erased."""
+    order = {node: k for k, node in enumerate(graph.nodes)}
+    erased: set[Node] = set()
+    for node in list(graph.nodes):
+        if node in erased or not (made_by_runlora(node) and is_call(node, *CASTS)) or not isinstance(node.args[0], Node):
+            continue
+        same = _same_casts(node, node.args[0])
+        if len(same) > 1:
+            keep = min(same, key=order.__getitem__)
+            for duplicate in same:
+                if duplicate is not keep:
+                    duplicate.replace_all_uses_with(keep)
+                    graph.erase_node(duplicate)
+                    erased.add(duplicate)
+            continue
+        view = node.args[0]
+        if not (made_by_runlora(view) and is_call(view, *VIEWS) and isinstance(view.args[0], Node)):
+            continue
+        existing = [c for c in _same_casts(node, view.args[0]) if c is not node]
+        if not existing:
+            continue
+        cast = min(existing, key=order.__getitem__)
+        with graph.inserting_before(node):
+            moved = graph.call_function(view.target, (cast,) + tuple(view.args[1:]), dict(view.kwargs))
+        moved.meta.update(node.meta)
+        node.replace_all_uses_with(moved)
+        graph.erase_node(node)
+        erased.add(node)
+    return len(erased)
+
+
+def _same_casts(cast: Node, source: Node) -> list[Node]:
+    """The casts of `source` to cast's dtype (cast's own args past the first), under the same partition tags."""
+    tags = tuple(cast.meta.get(k) for k in PARTITION_META)
+    return [u for u in source.users if u.target is cast.target and tuple(u.args[1:]) == tuple(cast.args[1:])
+            and u.kwargs == cast.kwargs and tuple(u.meta.get(k) for k in PARTITION_META) == tags]

@@ -7,10 +7,11 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from helpers import joint_graph
 from lora_rewrite.passes.fx import (RUNLORA_NODE, SAME_VALUE_DEPTH, backward_region, erase_unused, is_call,
-                                    is_tangent, made_by_runlora, matmul_operands, same_rows, same_value, split_scale,
-                                    strip_layout, transpose_source)
+                                    is_tangent, made_by_runlora, matmul_operands, merge_duplicate_casts, same_rows,
+                                    same_value, split_scale, strip_layout, transpose_source)
 
 aten = torch.ops.aten
+prims = torch.ops.prims
 
 
 def traced(fn, *inputs) -> Graph:
@@ -129,3 +130,49 @@ def test_the_runlora_tag():
     assert not made_by_runlora(node)
     node.meta[RUNLORA_NODE] = True
     assert made_by_runlora(node)
+
+
+def cast_graph(view_first: bool, tags: tuple = (None, None)):
+    """x [2,3,4] fp32; the model casts it to bf16 and uses it; the pass (tagged) casts it again — of a view
+    of x to [6,4] when `view_first` — with `tags` as the two casts' recompute tags."""
+    graph = Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = torch.empty(2, 3, 4)
+    model_cast = graph.call_function(prims.convert_element_type.default, (x, torch.bfloat16))
+    model_use = graph.call_function(aten.neg.default, (model_cast,))
+    source = x
+    if view_first:
+        source = graph.call_function(aten.view.default, (x, [6, 4]))
+        source.meta[RUNLORA_NODE] = True
+    ours = graph.call_function(prims.convert_element_type.default, (source, torch.bfloat16))
+    ours.meta[RUNLORA_NODE] = True
+    for node, tag in zip((model_cast, ours), tags):
+        if tag is not None:
+            node.meta["recompute"] = tag
+    our_use = graph.call_function(aten.relu.default, (ours,))
+    graph.output((model_use, our_use))
+    return graph, model_cast, ours, our_use
+
+
+def test_merge_duplicate_casts_keeps_the_first_and_a_view_moves_past_the_cast():
+    graph, model_cast, ours, our_use = cast_graph(view_first=False)
+    assert merge_duplicate_casts(graph) == 1
+    assert ours not in graph.nodes and our_use.args == (model_cast,)
+
+    graph, model_cast, ours, our_use = cast_graph(view_first=True)
+    assert merge_duplicate_casts(graph) == 1
+    (view,) = our_use.args
+    assert view.target is aten.view.default and view.args == (model_cast, [6, 4]) and made_by_runlora(view)
+    assert len(calls(graph, prims.convert_element_type.default)) == 1
+    graph.lint()
+
+
+def test_merge_duplicate_casts_leaves_casts_under_other_partition_tags_and_the_models_own():
+    graph, _, ours, our_use = cast_graph(view_first=False, tags=(None, "must-recompute"))
+    assert merge_duplicate_casts(graph) == 0 and our_use.args == (ours,)
+
+    graph = Graph()   # two identical casts, neither the pass's: not this pass's to merge
+    x = graph.placeholder("x")
+    first, second = (graph.call_function(prims.convert_element_type.default, (x, torch.bfloat16)) for _ in range(2))
+    graph.output((first, second))
+    assert merge_duplicate_casts(graph) == 0 and len(calls(graph, prims.convert_element_type.default)) == 2
