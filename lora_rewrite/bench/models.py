@@ -11,7 +11,9 @@ A step is `model(input_ids=…, labels=…).loss.backward()`, with the adapters 
 linear. The `frozen` floor is the same base model without adapters: nothing in it is trainable, so its
 backward would be empty; it is fed `inputs_embeds` (the embedding lookup of the same tokens, done once
 outside the timed step) as a fresh leaf that requires grad, so its backward is the base model's
-input-gradient backward that every LoRA step also runs.
+input-gradient backward that every LoRA step also runs — and a little more: the input gradient of the first
+layer's attention products and input norm, which a LoRA step (frozen embeddings) skips. A LoRA step can
+therefore run slightly under the floor; every implementation is measured against the same one.
 """
 
 from __future__ import annotations
