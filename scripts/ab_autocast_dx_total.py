@@ -28,6 +28,18 @@ def wrapper(name):
                 {"forward": lambda self, *a, **k: ProbeLoss.forward(self, *a, **k)})
 
 
+def autocast_steps(peft, frozen, inputs, variant: str) -> dict:
+    """The A/B's steps under torch.autocast(bfloat16), by name: frozen, stock Inductor twice, runlora, and
+    runlora again as `variant` (each model through a wrapper class of its own; `peft` itself is variant's)."""
+    models = {"frozen": torch.compile(wrapper("frozen")(frozen, inputs.probe)),
+              "inductor": torch.compile(wrapper("inductor")(copy.deepcopy(peft), inputs.probe)),
+              "inductor-again": torch.compile(wrapper("inductor-again")(copy.deepcopy(peft), inputs.probe)),
+              "runlora": torch.compile(wrapper("runlora")(copy.deepcopy(peft), inputs.probe), backend="runlora"),
+              variant: torch.compile(wrapper(variant)(peft, inputs.probe), backend="runlora")}
+    cpu = torch.device("cpu")
+    return {name: measure.under_autocast(layer_loss_step(model, inputs), cpu) for name, model in models.items()}
+
+
 def main(argv) -> None:
     torch.set_num_threads(2)
     rounds, i, o, r = int(argv[0]), int(argv[1]), int(argv[2]), int(argv[3])
@@ -39,12 +51,7 @@ def main(argv) -> None:
     peft, frozen = build_layer_models(shape, r=r, alpha=r, dropout=0.0, bias=False, dtype=torch.float32, device=cpu,
                                       fp32_adapters=False, use_dora=True, bits4=False)
     inputs = make_layer_inputs(shape, dtype=torch.float32, device=cpu)
-    models = {"frozen": torch.compile(wrapper("frozen")(frozen, inputs.probe)),
-              "inductor": torch.compile(wrapper("inductor")(copy.deepcopy(peft), inputs.probe)),
-              "inductor-again": torch.compile(wrapper("inductor-again")(copy.deepcopy(peft), inputs.probe)),
-              "runlora": torch.compile(wrapper("runlora")(copy.deepcopy(peft), inputs.probe), backend="runlora"),
-              "runlora-lora-dx": torch.compile(wrapper("runlora-lora-dx")(peft, inputs.probe), backend="runlora")}
-    steps = {name: measure.under_autocast(layer_loss_step(model, inputs), cpu) for name, model in models.items()}
+    steps = autocast_steps(peft, frozen, inputs, "runlora-lora-dx")
     current = match_dora._base_output_gradient
 
     def not_through_casts(mns, minus_one, casts=False):

@@ -11,15 +11,14 @@ scripts/ab_autocast_dx_total.py compiles (a wrapper class per model, compile cac
 malloc keeps freed memory (runlora-bench --keep-freed-memory).
 """
 
-import copy
 import sys
 
 import torch
 
 import lora_rewrite.passes as runlora_pass
-from ab_autocast_dx_total import wrapper
+from ab_autocast_dx_total import autocast_steps
 from lora_rewrite.bench import measure
-from lora_rewrite.bench.layer import LayerShape, build_layer_models, layer_loss_step, make_layer_inputs
+from lora_rewrite.bench.layer import LayerShape, build_layer_models, make_layer_inputs
 from lora_rewrite.compat import fresh_compile_caches
 
 
@@ -34,12 +33,7 @@ def main(argv) -> None:
     peft, frozen = build_layer_models(shape, r=r, alpha=r, dropout=dropout, bias=False, dtype=torch.float32,
                                       device=cpu, fp32_adapters=False, use_dora=True, bits4=False)
     inputs = make_layer_inputs(shape, dtype=torch.float32, device=cpu)
-    models = {"frozen": torch.compile(wrapper("frozen")(frozen, inputs.probe)),
-              "inductor": torch.compile(wrapper("inductor")(copy.deepcopy(peft), inputs.probe)),
-              "inductor-again": torch.compile(wrapper("inductor-again")(copy.deepcopy(peft), inputs.probe)),
-              "runlora": torch.compile(wrapper("runlora")(copy.deepcopy(peft), inputs.probe), backend="runlora"),
-              "runlora-unmerged": torch.compile(wrapper("runlora-unmerged")(peft, inputs.probe), backend="runlora")}
-    steps = {name: measure.under_autocast(layer_loss_step(model, inputs), cpu) for name, model in models.items()}
+    steps = autocast_steps(peft, frozen, inputs, "runlora-unmerged")
     merge = runlora_pass.merge_duplicate_casts
     merged = {}
 

@@ -44,7 +44,14 @@ def main(argv) -> None:
               "inductor": torch.compile(ProbeLoss(copy.deepcopy(peft), inputs.probe)),
               "runlora": torch.compile(ProbeLoss(peft, inputs.probe), backend="runlora")}
     steps = {name: layer_loss_step(model, inputs) for name, model in models.items()}
+    median = time_and_profile(steps, rounds=9, profiled=profiled, profile_steps=3)
+    print("overhead over frozen: inductor %+.1f %%, runlora %+.1f %%"
+          % ((median["inductor"] / median["frozen"] - 1) * 100, (median["runlora"] / median["frozen"] - 1) * 100))
 
+
+def time_and_profile(steps: dict, rounds: int, profiled, profile_steps: int, row_limit: int = 16) -> dict:
+    """Each step 3 times (compiles), `rounds` interleaved timed rounds (prints and returns the medians, ms),
+    then a torch.profiler table of each `profiled` step over `profile_steps` steps, by input shape."""
     def run(name):
         steps[name]().backward()
 
@@ -52,24 +59,22 @@ def main(argv) -> None:
         for _ in range(3):
             run(name)
     times = {name: [] for name in steps}
-    for _ in range(9):
+    for _ in range(rounds):
         for name in steps:
             start = time.perf_counter()
             run(name)
             times[name].append(time.perf_counter() - start)
     median = {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}
-    print({name: round(ms, 1) for name, ms in median.items()},
-          "overhead over frozen: inductor %+.1f %%, runlora %+.1f %%"
-          % ((median["inductor"] / median["frozen"] - 1) * 100, (median["runlora"] / median["frozen"] - 1) * 100))
+    print({name: round(ms, 2) for name, ms in median.items()})
     for name in profiled:
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            for _ in range(3):
+            for _ in range(profile_steps):
                 run(name)
-        print("=====", name, "(3 steps)")
-        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=16,
-                                                                   max_name_column_width=30,
+        print("=====", name, f"({profile_steps} steps)")
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=row_limit,
+                                                                   max_name_column_width=40,
                                                                    max_shapes_column_width=90))
-
+    return median
 
 if __name__ == "__main__":
     main(sys.argv[1:])
