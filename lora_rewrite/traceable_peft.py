@@ -2,9 +2,9 @@
 
 `DoraLinearLayer.forward` (peft/tuners/lora/dora.py) calls `dequantize_module_weight`
 (peft/utils/integrations.py) every step. For a plain weight that function returns the weight, but on
-the way it tests `type(module.weight).__module__.startswith("torchao.")`, which Dynamo cannot trace:
-each DoRA layer breaks the graph (a 4-layer tiny Llama with DoRA on its 7 linears: 41 breaks, 33 graphs;
-Llama-60m reaches Dynamo's recompile limit). Without one graph there is no DoRA site to rewrite. On a
+the way it tests `type(module.weight).__module__.startswith("torchao.")`, which Dynamo cannot trace on
+torch 2.13 and 2.14 (2.11 and 2.15 trace it): each DoRA layer breaks the graph there (a 4-layer tiny
+Llama with DoRA on its 7 linears: 41 breaks, 33 graphs; Llama-60m reaches Dynamo's recompile limit). Without one graph there is no DoRA site to rewrite. On a
 model with transformers' Conv1D (GPT-2) a second PEFT function, `transpose`, breaks it too (below).
 
 `install()` registers, through the public `torch.compiler.substitute_in_graph`, a stand-in that Dynamo

@@ -188,9 +188,19 @@ def test_lora_adapter_ranks_count_4bit_sites_too():
 
 def test_dora_graph_breaks_restores_peft_s_function_and_breaks_only_inside():
     """The benchmark's `inductor-breaks` row: PEFT's own dequantize_module_weight under another identity,
-    so Dynamo breaks the graph in each DoRA layer as without lora_rewrite; PEFT's function is back after."""
+    so Dynamo breaks the graph in each DoRA layer as without lora_rewrite — where this torch's Dynamo breaks
+    at PEFT's torchao test at all (2.13 and 2.14 do; 2.11 and 2.15 trace it); PEFT's function is back after."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import dora
+
+    def breaks_at_the_torchao_test(x):   # the test PEFT's dequantize_module_weight makes, alone
+        return x * 2 if type(weight).__module__.startswith("torchao.") else x + 1
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.compile(breaks_at_the_torchao_test, backend="eager")(torch.ones(2))
+    dynamo_breaks_there = sum(torch._dynamo.utils.counters["graph_break"].values()) > 0
 
     original = dora.dequantize_module_weight
     torch.manual_seed(0)
@@ -210,7 +220,8 @@ def test_dora_graph_breaks_restores_peft_s_function_and_breaks_only_inside():
                 compiled(x)
         counts[name] = sum(torch._dynamo.utils.counters["graph_break"].values())
     assert dora.dequantize_module_weight is original
-    assert counts == {"stand-in": 0, "breaks": counts["breaks"]} and counts["breaks"] > 0
+    assert counts["stand-in"] == 0
+    assert (counts["breaks"] > 0) == dynamo_breaks_there, (counts, torch.__version__)
 
 
 KEEP_FREED_MEMORY_PROBE = """
