@@ -40,14 +40,21 @@ def autocast_steps(peft, frozen, inputs, variant: str) -> dict:
     return {name: measure.under_autocast(layer_loss_step(model, inputs), cpu) for name, model in models.items()}
 
 
-def main(argv) -> None:
+def layer_ab_settings(argv):
+    """(rounds, LayerShape, r, kept) from `ROUNDS I O R [kept]`, N = 4096; 2 threads, and glibc keeping freed
+    memory where `kept` is given (runlora-bench --keep-freed-memory)."""
     torch.set_num_threads(2)
     rounds, i, o, r = int(argv[0]), int(argv[1]), int(argv[2]), int(argv[3])
     kept = argv[4:] == ["kept"]
     if kept:
         measure.keep_freed_memory()
+    return rounds, LayerShape(i=i, o=o, tokens=4096, r=r, batch=32), r, kept
+
+
+def main(argv) -> None:
+    rounds, shape, r, kept = layer_ab_settings(argv)
+    i, o = shape.i, shape.o
     cpu = torch.device("cpu")
-    shape = LayerShape(i=i, o=o, tokens=4096, r=r, batch=32)
     peft, frozen = build_layer_models(shape, r=r, alpha=r, dropout=0.0, bias=False, dtype=torch.float32, device=cpu,
                                       fp32_adapters=False, use_dora=True, bits4=False)
     inputs = make_layer_inputs(shape, dtype=torch.float32, device=cpu)

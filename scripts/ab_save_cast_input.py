@@ -18,21 +18,17 @@ import sys
 
 import torch
 
-from ab_autocast_dx_total import wrapper
+from ab_autocast_dx_total import layer_ab_settings, wrapper
 from lora_rewrite.bench import measure
-from lora_rewrite.bench.layer import LayerShape, build_layer_models, layer_loss_step, make_layer_inputs
+from lora_rewrite.bench.layer import build_layer_models, layer_loss_step, make_layer_inputs
 from lora_rewrite.compat import fresh_compile_caches
 from lora_rewrite.passes import rewrite
 
 
 def main(argv) -> None:
-    torch.set_num_threads(2)
-    rounds, i, o, r = int(argv[0]), int(argv[1]), int(argv[2]), int(argv[3])
-    kept = argv[4:] == ["kept"]
-    if kept:
-        measure.keep_freed_memory()
+    rounds, shape, r, kept = layer_ab_settings(argv)
+    i, o = shape.i, shape.o
     cpu = torch.device("cpu")
-    shape = LayerShape(i=i, o=o, tokens=4096, r=r, batch=32)
     peft, frozen = build_layer_models(shape, r=r, alpha=r, dropout=0.0, bias=False, dtype=torch.bfloat16,
                                       device=cpu, fp32_adapters=True)
     inputs = make_layer_inputs(shape, dtype=torch.bfloat16, device=cpu)
