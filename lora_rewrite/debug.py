@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
 from lora_rewrite import compat
-from lora_rewrite.variants import FORWARD1, Dims, autograd_backward_gemms
+from lora_rewrite.variants import Dims
 
 if TYPE_CHECKING:
     from lora_rewrite.passes.plan import Plan
@@ -67,7 +67,7 @@ class SiteReport:
     forms: dict = field(default_factory=dict)         # {role: form} (lora_rewrite/forms.py); unnamed: default
     form_seconds: dict = field(default_factory=dict)  # {role: {form: measured seconds}}
     forms_source: str = "direct"                      # measured [(kept on disk) / : nothing to choose] / direct / forced
-    kind: str = "lora"                                # "lora" or "dora" (lora_rewrite/dora.py)
+    kind: str = "lora"                                # the site's kind (passes/kinds.py): "lora", "dora", …
 
     def forms_text(self) -> str:
         """The forms that differ from each role's default, e.g. "dB transposed, Z1_in_dX folded"."""
@@ -100,22 +100,17 @@ class SiteReport:
 
 def site_report(site: Site, plan: Plan, criterion: str) -> SiteReport:
     """The report of one rewritten site: its shape, the plan, and the FLOPs and saved bytes against
-    what stock Inductor runs (PEFT's forward = forward1's products, autograd's backward)."""
+    what stock Inductor runs (the site's kind says what that is: `SiteKind.before_gemms`)."""
     dims, n_used = site.dims, plan.n_used
     flops_before = flops_after = saved = None
     if n_used is not None:
         report_dims = Dims(n_used, dims.i, dims.o, dims.r, dims.needs_dx)
-        flops_before = FORWARD1.flops(report_dims)
+        trains = site.backward is not None
+        flops_before = sum(g.flops() for g in site.kind.before_gemms(report_dims, site.facts, trains))
         flops_after = plan.forward.variant.flops(report_dims)
-        if site.backward is not None:
-            flops_before += sum(g.flops() for g in autograd_backward_gemms(report_dims))
+        if trains:
             flops_after += plan.backward.variant.flops(report_dims) if plan.backward else 0
             saved = n_used * dims.r * site.forward.x.meta["val"].element_size()
-        if site.dora is not None:
-            from lora_rewrite.dora import peft_dora_gemms
-
-            flops_before = sum(g.flops() for g in peft_dora_gemms(report_dims, site.facts.dropout,
-                                                                   site.backward is not None))
     n, scale = dims.N, site.forward.scale
     dx_mode = site.backward.dx_mode if site.backward is not None and plan.backward else None
     return SiteReport(
@@ -131,7 +126,7 @@ def site_report(site: Site, plan: Plan, criterion: str) -> SiteReport:
         cost_unit=plan.forward.unit.value, flops_before=flops_before, flops_after=flops_after,
         saved_bytes_avoided=saved, notes=list(plan.notes), module_key=site.provenance.key,
         forms=dict(plan.forms), form_seconds={k: dict(v) for k, v in plan.form_seconds.items()},
-        forms_source=plan.forms_source, kind=site.kind,
+        forms_source=plan.forms_source, kind=site.kind.name,
     )
 
 

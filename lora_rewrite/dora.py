@@ -87,8 +87,9 @@ class DoraForwardOperands:
     trains: bool = False   # the graph has the site's backward: dm will need P
     base_x: Any = None
     sum_dtype: Any = None  # torch.autocast: the products in x's dtype, P and Y in this wider one (None: x's)
-    base_product: Any = None  # X·Wᵀ [N,o] as the model computed it, where it cannot be recomputed from w_io
-                              # (a 4-bit base: w_io is None, its product's bias taken out)
+    reused_base: Any = None  # X·Wᵀ [N,o] as the model computed it, where it cannot be recomputed from w_io
+                             # (a 4-bit base: w_io is None, its product's bias taken out)
+    widen_base: bool = False  # forward1's sum onto a narrower base: widened first (ForwardOperands.widen_base)
 
 
 @dataclass(frozen=True)
@@ -173,14 +174,14 @@ def dora_forward1(ops, p: DoraForwardOperands) -> DoraForwardResult:
     Y = (X·Wᵀ + b) + mns ⊙ P − X̃·Wᵀ. P is kept for dm."""
     norm, mns, _ = magnitude_scale(ops, p)
     o = ops.size(p.b, 0)
-    if p.base_product is not None:           # a 4-bit base: its product as bitsandbytes computed it
-        base = p.base_product
+    if p.reused_base is not None:            # a 4-bit base: its product as bitsandbytes computed it
+        base = p.reused_base
     elif p.dropout_product is None:          # X·Wᵀ without the bias, in the base's dtype (forward1 widens the sum)
         base = ops.mm(p.x if p.base_x is None else p.base_x, p.w_io)
     else:
         base = p.dropout_product             # the model's X̃·Wᵀ
     if p.sum_dtype is None:
-        lora = FORWARD1.compute(ops, ForwardOperands(x=p.x, a=p.a, b=p.b, s=p.s, base=base))
+        lora = FORWARD1.compute(ops, ForwardOperands(x=p.x, a=p.a, b=p.b, s=p.s, base=base, widen_base=p.widen_base))
         summed, xa = lora.y, lora.xa
     else:
         summed, xa = widened_sum(ops, p, base)

@@ -20,6 +20,8 @@ Keys (all optional):
                      the site (or graph) as stock Inductor compiles it (env: RUNLORA_STRICT=1;
                      lora_rewrite/containment.py)
     dump_dir         a folder for graphs, reports and pictures (env: RUNLORA_DUMP_DIR)
+    disable          a list of the pass's behaviours to turn off (`BEHAVIOURS`), each for a same-process
+                     A/B measurement of what it buys (lora_rewrite/bench/ab.py); default: none
     inductor         a dict of Inductor config patches, as stock torch.compile's `options` takes
 
 Any other key that names an Inductor config entry is passed to Inductor as stock torch.compile
@@ -47,6 +49,20 @@ ENV_DEBUG = "RUNLORA_DEBUG"
 ENV_DUMP_DIR = "RUNLORA_DUMP_DIR"
 ENV_STRICT = "RUNLORA_STRICT"
 
+# The behaviours of the pass that option `disable` turns off, each with what it does. Every one is on by
+# default; turning one off keeps every rewrite correct (each is a choice between equal values), it only
+# undoes what the behaviour buys, so that a same-process A/B can measure it (lora_rewrite/bench/ab.py).
+BEHAVIOURS: dict[str, str] = {
+    "merge_casts": "merge each cast the rewrite repeats with the same cast already in the graph "
+                   "(passes/fx.py merge_duplicate_casts)",
+    "recompute_upcasts": "tag the widening casts of X and of the parameters for recomputation in the backward, "
+                         "so that the narrower source is kept (passes/rewrite.py upcasts_worth_recomputing)",
+    "dx_through_casts": "under torch.autocast, take over a DoRA site's whole input gradient where the base's "
+                        "16-bit sum is found through casts (passes/match_dora.py; off: only the adapter's dX_a)",
+    "add_narrow_base": "forward1 adds a base in a narrower dtype as it is, in the wider dtype (off: the base is "
+                       "widened first and the adapter accumulated onto it with addmm, the form before 2026-12-06)",
+}
+
 
 def _truthy_env(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
@@ -70,6 +86,7 @@ class RunLoraOptions:
         debug: log each graph's report (env RUNLORA_DEBUG).
         strict: re-raise exceptions inside runlora instead of containing them (env RUNLORA_STRICT).
         dump_dir: a folder for graphs, reports and pictures, or None (env RUNLORA_DUMP_DIR).
+        disable: the names of the behaviours (`BEHAVIOURS`) turned off, as a sorted tuple.
         inductor: Inductor config patches.
     """
 
@@ -84,6 +101,7 @@ class RunLoraOptions:
     debug: bool = False
     strict: bool = False
     dump_dir: str | None = None
+    disable: Any = ()
     inductor: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -110,6 +128,18 @@ class RunLoraOptions:
         if not isinstance(self.inductor, Mapping):
             raise ValueError(f"runlora option 'inductor' must be a dict of Inductor config entries, "
                              f"got {self.inductor!r}")
+        disable = [self.disable] if isinstance(self.disable, str) else self.disable
+        if not isinstance(disable, (list, tuple, set, frozenset)) or \
+                any(not isinstance(name, str) or name not in BEHAVIOURS for name in disable):
+            raise ValueError(f"runlora option 'disable' must be a list of behaviour names from "
+                             f"{sorted(BEHAVIOURS)!r}, got {self.disable!r}")
+        object.__setattr__(self, "disable", tuple(sorted(set(disable))))
+
+    def enabled(self, behaviour: str) -> bool:
+        """Is this behaviour of the pass on (not named in `disable`)?"""
+        if behaviour not in BEHAVIOURS:
+            raise KeyError(f"no runlora behaviour {behaviour!r}; the behaviours are {sorted(BEHAVIOURS)!r}")
+        return behaviour not in self.disable
 
     def forced_forms(self) -> dict | None:
         """The forms to use everywhere ("direct": none named, every default), or None: measure."""
@@ -121,7 +151,8 @@ class RunLoraOptions:
         """Everything that changes the rewritten graph: part of the compile-cache key."""
         forms = sorted(self.forms.items()) if isinstance(self.forms, Mapping) else self.forms
         return repr((self.rewrite, self.criterion, self.forward, self.backward, self.dynamic_policy, forms,
-                     self.fuse_siblings, self.debug, self.strict, str(self.dump_dir) if self.dump_dir else None))
+                     self.fuse_siblings, self.debug, self.strict, str(self.dump_dir) if self.dump_dir else None,
+                     self.disable))
 
     @classmethod
     def from_user(cls, options: Mapping[str, Any] | None) -> "RunLoraOptions":

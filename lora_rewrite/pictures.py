@@ -289,17 +289,17 @@ def _input_roles(site, core: list[Node]) -> dict[Node, str]:
     """X, A and B from the forward chain; W and bias from its base linear; dY from its gradients.
     Under the adapter's own dropout (`SiteFacts.dropout`) the adapter reads drop(X) and the base X."""
     fwd, roles = site.forward, {}
-    linear = fwd.linear
-    if linear is not None:
-        roles[root(linear.w_io)] = "W"
-        if linear.bias is not None:
-            roles[root(linear.bias)] = "bias"
-        if site.facts.dropout or site.facts.adapter_reads_base_input:
-            roles[root(linear.x)] = "X"
+    base = fwd.base_product
+    if base.w_io is not None:
+        roles[root(base.w_io)] = "W"
+    if base.bias is not None:
+        roles[root(base.bias)] = "bias"
+    if base.x is not None and (site.facts.dropout or site.facts.adapter_reads_base_input):
+        roles[root(base.x)] = "X"
     roles[root(fwd.x)] = "drop(X)" if site.facts.dropout else "X"
     roles[root(fwd.a)], roles[root(fwd.b)] = "A", "B"
-    if site.dora is not None:   # DoRA's magnitude (lora_rewrite/dora.py)
-        roles[root(site.dora.magnitude)] = "m"
+    for node, role in site.kind.roles(site)[0].items():   # the kind's own inputs (DoRA's magnitude m)
+        roles[root(node)] = role
     if site.backward is not None:
         roles.update(_output_gradient_views(root_any(site.backward.dy), core, site.dims.o, roles))
     return roles
@@ -330,8 +330,7 @@ def _result_roles(site) -> dict[Node, str]:
     if grads is None:
         return results
     results[grads.grad_a], results[grads.grad_b] = "dA", "dB"
-    if site.dora is not None and site.dora.grad_m is not None:
-        results[site.dora.grad_m] = "dm"
+    results.update(site.kind.roles(site)[1])   # the kind's own results (DoRA's dm)
     if grads.dx_sum is not None:
         results[grads.dx_sum.lora_add] = results[grads.dx_sum.base_end] = "dX"
     elif grads.grad_x_lora is not None:

@@ -92,8 +92,6 @@ class SiteFacts:
     base_used_elsewhere: bool        # the base result feeds more than the site's sum
     needs_dx: bool                   # the adapter's input needs a gradient in this graph
     dx_sum_found: bool               # the base's dY·W is summed with the adapter's dX_a
-    dora: bool = False               # a DoRA site: Y = m/‖W + s·B·A‖ ⊙ (X·(W + s·B·A)ᵀ) + b (lora_rewrite/dora.py)
-    trains: bool = False             # the graph computes the site's gradients (a training graph)
     sum_dtype: torch.dtype | None = None   # a DoRA sum in a wider dtype than its products (torch.autocast)
 
 
@@ -133,7 +131,9 @@ class Variant:
 @dataclass
 class ForwardOperands:
     """What a forward variant reads. `base` is X·Wᵀ + bias as already computed by the model, in the model's
-    dtype (forward1 adds onto it); `w_io` (Wᵀ, [i,o]) and `bias` are what the merged forward needs instead."""
+    dtype (forward1 adds onto it); `w_io` (Wᵀ, [i,o]) and `bias` are what the merged forward needs instead.
+    `widen_base`: a base in a narrower dtype than the adapter's is widened and the adapter accumulated onto it
+    with addmm (the form before 2026-12-06, kept for same-process A/B measurements: options `disable`)."""
 
     x: Any
     a: Any
@@ -142,6 +142,7 @@ class ForwardOperands:
     base: Any = None
     w_io: Any = None
     bias: Any = None
+    widen_base: bool = False
 
 
 class DxMode(enum.Enum):
@@ -191,105 +192,132 @@ class BackwardResult:
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-class EagerOps(FixedForms):
-    """`ops` on real tensors, through the same aten ops the graph rewrite emits, each product in the
-    given forms (lora_rewrite.forms; default: every role in its default form)."""
+class Ops(FixedForms):
+    """The op vocabulary every variant computes through, written once: each op is one aten op, done by
+    `call`, and what a value is (its shape, dtype, device) is read off `value`. `EagerOps` runs the ops on
+    real tensors; `GraphOps` (passes/rewrite.py) appends them to the joint graph as FX nodes with fake values;
+    both run each product in the forms they are given (`FixedForms`, lora_rewrite/forms.py)."""
 
     def __init__(self, forms: FormPlan | None = None):
         self.forms = dict(forms or {})
 
+    def call(self, target, *args, **kwargs):
+        raise NotImplementedError
+
+    def value(self, a):
+        """The tensor (or fake tensor) `a` holds."""
+        raise NotImplementedError
+
+    # products
     def mm(self, a, b):
-        return aten.mm.default(a, b)
+        return self.call(aten.mm.default, a, b)
 
     def addmm(self, c, a, b, alpha=1, beta=1):
         if alpha == 1 and beta == 1:
-            return aten.addmm.default(c, a, b)
+            return self.call(aten.addmm.default, c, a, b)
         if beta == 1:
-            return aten.addmm.default(c, a, b, alpha=alpha)
-        return aten.addmm.default(c, a, b, beta=beta, alpha=alpha)
-
-    def row(self, a, index):
-        return aten.select.int(a, 0, index)
-
-    def has_rows(self, a):
-        return a.shape[0] > 0
+            return self.call(aten.addmm.default, c, a, b, alpha=alpha)
+        return self.call(aten.addmm.default, c, a, b, beta=beta, alpha=alpha)
 
     def t(self, a):
-        return aten.permute.default(a, [1, 0])
-
-    # elementwise and reductions, for DoRA's magnitude (lora_rewrite/dora.py)
-    def mul(self, a, b):
-        return aten.mul.Tensor(a, b)
-
-    def div(self, a, b):
-        return aten.div.Tensor(a, b)
-
-    def add(self, a, b):
-        return aten.add.Tensor(a, b)
-
-    def sub(self, a, b):
-        return aten.sub.Tensor(a, b)
-
-    def sqrt(self, a):
-        return aten.sqrt.default(a)
-
-    def eq(self, a, value):
-        return aten.eq.Scalar(a, value)
-
-    def where(self, condition, a, b):
-        if isinstance(a, (int, float)):
-            return aten.where.ScalarSelf(condition, a, b)
-        if isinstance(b, (int, float)):
-            return aten.where.ScalarOther(condition, a, b)
-        return aten.where.self(condition, a, b)
-
-    def sum_dim(self, a, dim):
-        return aten.sum.dim_IntList(a, [dim])
-
-    def view(self, a, shape_args):
-        return aten.view.default(a, shape_args)
-
-    def reshape(self, a, shape_args):
-        return aten.reshape.default(a, shape_args)
-
-    def cast(self, a, to_dtype):
-        return a if a.dtype == to_dtype else aten._to_copy.default(a, dtype=to_dtype)
-
-    def dtype_of(self, a):
-        return a.dtype
+        return self.call(aten.permute.default, a, [1, 0])
 
     def scale(self, a, s):
         if isinstance(s, (int, float)) and s == 1:
             return a
-        return aten.mul.Tensor(a, s)
+        return self.call(aten.mul.Tensor, a, s)
 
+    # elementwise and reductions, for DoRA's magnitude (lora_rewrite/dora.py)
+    def mul(self, a, b):
+        return self.call(aten.mul.Tensor, a, b)
+
+    def div(self, a, b):
+        return self.call(aten.div.Tensor, a, b)
+
+    def add(self, a, b):
+        return self.call(aten.add.Tensor, a, b)
+
+    def sub(self, a, b):
+        return self.call(aten.sub.Tensor, a, b)
+
+    def sqrt(self, a):
+        return self.call(aten.sqrt.default, a)
+
+    def eq(self, a, value):
+        return self.call(aten.eq.Scalar, a, value)
+
+    def where(self, condition, a, b):
+        if isinstance(a, (int, float)):
+            return self.call(aten.where.ScalarSelf, condition, a, b)
+        if isinstance(b, (int, float)):
+            return self.call(aten.where.ScalarOther, condition, a, b)
+        return self.call(aten.where.self, condition, a, b)
+
+    def sum_dim(self, a, dim):
+        return self.call(aten.sum.dim_IntList, a, [dim])
+
+    # shapes, layouts and dtypes
+    def row(self, a, index):
+        return self.call(aten.select.int, a, 0, index)
+
+    def view(self, a, shape_args):
+        return self.call(aten.view.default, a, shape_args)
+
+    def reshape(self, a, shape_args):
+        return self.call(aten.reshape.default, a, shape_args)
+
+    def cat(self, tensors, dim):
+        return self.call(aten.cat.default, list(tensors), dim)
+
+    def narrow(self, a, dim, start, length):
+        return self.call(aten.slice.Tensor, a, dim, start, start + length)
+
+    def contiguous(self, a):
+        return self.call(aten.clone.default, a, memory_format=torch.contiguous_format)
+
+    def cast(self, a, to_dtype):
+        if self.dtype_of(a) == to_dtype:
+            return a
+        return self.call(torch.ops.prims.convert_element_type.default, a, to_dtype)
+
+    # what a value is
+    def dtype_of(self, a):
+        return self.value(a).dtype
+
+    def size(self, a, dim):
+        return self.value(a).shape[dim]
+
+    def has_rows(self, a):
+        """Certainly at least one row (a symbolic N is asked in GraphOps)."""
+        return self.value(a).shape[0] > 0
+
+    def device_type(self, a):
+        return self.value(a).device.type
+
+    def is_half(self, a):
+        return self.dtype_of(a) in HALF_DTYPES
+
+    def stored_as_io(self, w_io):
+        """W is stored as its transpose [i,o] (transformers' Conv1D), not as nn.Linear's [o,i]."""
+        return self.value(w_io).is_contiguous()
+
+    # what the partitioner is told (GraphOps tags the nodes; on real tensors there is nothing to tell)
     def recompute(self, a):
         return a
 
     def save(self, a):
         return a
 
-    def cat(self, tensors, dim):
-        return aten.cat.default(list(tensors), dim)
 
-    def contiguous(self, a):
-        return aten.clone.default(a, memory_format=torch.contiguous_format)
+class EagerOps(Ops):
+    """`ops` on real tensors, through the same aten ops the graph rewrite emits, each product in the
+    given forms (lora_rewrite.forms; default: every role in its default form)."""
 
-    def narrow(self, a, dim, start, length):
-        return aten.slice.Tensor(a, dim, start, start + length)
+    def call(self, target, *args, **kwargs):
+        return target(*args, **kwargs)
 
-    def size(self, a, dim):
-        return a.shape[dim]
-
-    def device_type(self, a):
-        return a.device.type
-
-    def is_half(self, a):
-        return a.dtype in HALF_DTYPES
-
-    def stored_as_io(self, w_io):
-        """W is stored as its transpose [i,o] (transformers' Conv1D), not as nn.Linear's [o,i]."""
-        return w_io.is_contiguous()
+    def value(self, a):
+        return a
 
 
 def _scaled_b(ops, p):
@@ -318,13 +346,16 @@ def factored_forward(ops, p: ForwardOperands) -> ForwardResult:
     A base in another dtype than the adapter's (PEFT's fp32 adapters on a 16-bit layer) is added as it is,
     in the wider of the two dtypes, as PEFT's type promotion adds it."""
     xa = ops.recompute(product(ops, XA, p.x, ops.t(p.a)))
-    if ops.dtype_of(p.base) != ops.dtype_of(xa):
-        # addmm would accumulate onto a widened copy of the base, which it copies once more into its
-        # result on the CPU: two [N,o] passes more than one sum Inductor fuses with the casts around it.
-        return ForwardResult(ops.add(p.base, scaled_mm(ops, xa, ops.t(p.b), p.s)), xa=xa)
+    base = p.base
+    if ops.dtype_of(base) != ops.dtype_of(xa):
+        if not p.widen_base:
+            # addmm would accumulate onto a widened copy of the base, which it copies once more into its
+            # result on the CPU: two [N,o] passes more than one sum Inductor fuses with the casts around it.
+            return ForwardResult(ops.add(base, scaled_mm(ops, xa, ops.t(p.b), p.s)), xa=xa)
+        base = ops.cast(base, ops.dtype_of(xa))
     if is_number(p.s):
-        return ForwardResult(ops.addmm(p.base, xa, ops.t(p.b), alpha=p.s), xa=xa)
-    return ForwardResult(ops.addmm(p.base, xa, ops.t(_scaled_b(ops, p))), xa=xa)
+        return ForwardResult(ops.addmm(base, xa, ops.t(p.b), alpha=p.s), xa=xa)
+    return ForwardResult(ops.addmm(base, xa, ops.t(_scaled_b(ops, p))), xa=xa)
 
 
 def factored_forward_gemms(d: Dims):  # 2N·(i·o + r·i + o·r)

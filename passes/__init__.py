@@ -7,6 +7,7 @@ compile (before the min-cut partitioner), and on the forward graph of an inferen
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from pathlib import Path
@@ -129,18 +130,18 @@ def _rewrite_sites(graph: Graph, anchors: list, backward: set, options: RunLoraO
                    capture: GraphCapture, failed: dict[int, debug.FailureReport]) -> None:
     """Match, plan and rewrite each site; then the whole-graph stages. Fills `report`."""
     fake_mode = _graph_stage(options, Stage.MATCH, _fake_mode, graph) if anchors else None
-    rewritten, planned = [], []
+    rewritten, planned, rows = [], [], []
     for index, anchor in enumerate(anchors):
         if index in failed:   # it failed halfway before the graph was restored: leave it as it is
             report.failures.append(failed[index])
             continue
         try:
-            site = _site_stage(options, Stage.MATCH, match_site, anchor, backward)
+            site = _site_stage(options, Stage.MATCH, match_site, anchor, backward, options)
             plan = _site_stage(options, Stage.PLAN, plan_site, site, options)
             site_row = _site_stage(options, Stage.REPORT, debug.site_report, site, plan, options.criterion)
             before = capture.site_before(site)
             done = rewrite_site(graph, fake_mode, site, plan.forward.variant,
-                                plan.backward.variant if plan.backward else None, plan.forms)
+                                plan.backward.variant if plan.backward else None, plan.forms, options)
         except NoMatch as no_match:
             path, key = _module_of(anchor)
             report.skipped.append(debug.SkipReport(path, str(no_match), key))
@@ -162,19 +163,20 @@ def _rewrite_sites(graph: Graph, anchors: list, backward: set, options: RunLoraO
             path, key = _module_of(anchor)
             raise _RestartWithout(index, _contained_site(path, key, Stage.REWRITE, error, restored=True)) from error
         capture.site_after(done, before)
-        report.sites.append(site_row)
+        rows.append(site_row)
         rewritten.append(done)
         planned.append((site, plan))
     notes = _graph_stage(options, Stage.GUARD, guard_token_counts, planned, options)
-    for site_row, note in zip(report.sites, notes):
-        if note:
-            site_row.notes.append(note)
+    # each row is built whole: the guard's note, known once every site of the graph is planned, joins it here
+    report.sites.extend(dataclasses.replace(row, notes=[*row.notes, note]) if note else row
+                        for row, note in zip(rows, notes))
     if options.fuse_siblings and len(rewritten) > 1:
         for fusion in _graph_stage(options, Stage.FUSE, fuse_siblings, graph, fake_mode, rewritten):
             report.fused.append(debug.FusionReport(fusion.kind.name, [s.module_path for s in fusion.sites],
                                                    fusion.ranks))
-    if report.sites:
+    if report.sites and options.enabled("merge_casts"):
         report.casts_merged = _graph_stage(options, Stage.MERGE, merge_duplicate_casts, graph)
+    if report.sites:
         _graph_stage(options, Stage.SORT, compat.stable_topological_sort, graph)
         _graph_stage(options, Stage.LINT, graph.lint)
 

@@ -36,8 +36,13 @@ PURE_OPS = set(VIEWS) | set(CASTS) | {
 }
 # Ops that only change how the same elements are laid out or addressed.
 LAYOUT_OPS = tuple(VIEWS) + (aten.clone.default, aten.contiguous.default)
+# Views of a matrix, its transpose included: how a weight is read, or a packed weight reshaped.
+VIEWS_AND_TRANSPOSES = tuple(VIEWS) + TRANSPOSES
 # What stands between a parameter and the matmul that reads it.
 WEIGHT_OPS = TRANSPOSES + tuple(VIEWS) + tuple(CASTS)
+# Ops that change how a value is viewed, stored or typed, never what it is: what a picture of a site folds
+# into the op that reads it (lora_rewrite/pictures.py).
+REPRESENTATION_OPS = frozenset(PURE_OPS | {aten.detach.default, aten.lift_fresh_copy.default})
 
 # Random ops as dropout appears after Inductor's decompositions (rand/bernoulli before its joint
 # passes, prims.inductor_random after; the rng higher-order ops under activation checkpointing).
@@ -99,6 +104,20 @@ def is_tangent(node: Any) -> bool:
 
 def made_by_runlora(node: Any) -> bool:
     return isinstance(node, Node) and bool(node.meta.get(RUNLORA_NODE))
+
+
+def strip_casts(node: Any) -> Any:
+    """The node under a chain of dtype casts."""
+    while is_call(node, *CASTS):
+        node = node.args[0]
+    return node
+
+
+def strip_views(node: Any) -> Any:
+    """The node under a chain of views and transposes."""
+    while is_call(node, *VIEWS_AND_TRANSPOSES):
+        node = node.args[0]
+    return node
 
 
 def single_user(node: Node) -> Node | None:

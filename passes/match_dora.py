@@ -15,12 +15,15 @@ expression and Inductor's passes left it in: `mns·(X·Wᵀ) + b + s·mns·lora`
 identity, the magnitude's gradient as the one backward division by that norm. What is not established
 raises NoMatch(reason) and the site is left untouched. A DoRA site whose backward is not in the expected
 form is left untouched as a whole: its forward alone cannot be rewritten without keeping the old one.
-The norm is read in passes/match_dora_norm.py; the sum's dtypes in passes/match_dora_dtypes.py; the sum on
-a bitsandbytes 4-bit base (QDoRA) in passes/match_dora_4bit.py.
+The norm is read in passes/match_dora_norm.py; the sum's dtypes in passes/match_dora_dtypes.py. What the
+base is — a linear, a bitsandbytes 4-bit product (QDoRA) — is the base's to say (passes/base_product.py):
+its terms in the sum, its weight as the norm reads it, its second product under dropout, its input gradient.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -29,15 +32,16 @@ from torch.fx import Node
 from lora_rewrite.forms import is_number
 from lora_rewrite.variants import Dims, SiteFacts
 from lora_rewrite.passes import poly
-from lora_rewrite.passes.fx import (ADDMM, CASTS, MM, MUL, VIEWS, WEIGHT_OPS, dtype, is_call, is_weight, same_rows,
-                                    same_shape, same_size, same_value, shape, strip_layout, transpose_source)
-from lora_rewrite.passes.match_dora_4bit import (ON_A_4BIT_BASE, ON_A_4BIT_BASE_MIXED, check_narrowed, has_4bit_term,
-                                                 read_4bit_terms)
-from lora_rewrite.passes.match_dora_dtypes import adapter_reads_base_input, check_dtypes
-from lora_rewrite.passes.match_dora_norm import is_identity, is_linear_weight, match_norm, strip_casts
-from lora_rewrite.passes.match_quantized import dequantized_weight, is_dequantized_weight_of
+from lora_rewrite.passes.bases import base_of_atom
+from lora_rewrite.passes.fx import (CASTS, MM, MUL, VIEWS, depends_on, dtype, is_call, same_rows, same_shape,
+                                    same_size, same_value, shape, strip_casts, strip_layout, strip_views,
+                                    transpose_source)
+from lora_rewrite.passes.match_adapter import (adapter_gradients, find_dropout, match_adapter_product, n_arg_of,
+                                               read_anchor)
+from lora_rewrite.passes.match_dora_dtypes import HALF, adapter_reads_base_input, check_dtypes, check_narrowed
+from lora_rewrite.passes.match_dora_norm import is_identity, match_norm
 from lora_rewrite.passes.provenance import provenance_of
-from lora_rewrite.passes.site import DoraChain, ForwardChain, Gradients, LinearBase, NoMatch, Site
+from lora_rewrite.passes.site import ForwardChain, Gradients, NoMatch, Site
 
 aten = torch.ops.aten
 
@@ -45,59 +49,79 @@ aten = torch.ops.aten
 SUM_SEARCH_DEPTH = 8
 
 
+@dataclass(frozen=True)
+class DoraChain:
+    """What a DoRA site adds to the LoRA chain (lora_rewrite/dora.py): Y = mns ⊙ P + b with
+    mns = m / ‖W + s·B·A‖, and the magnitude's gradient: `Site.extra` of a DoRA site.
+
+    The site's ForwardChain holds X̃ (the adapter's input), A, B, s, the sum `out` and the base product;
+    `base2d` is the model's base result X·Wᵀ + b as [N,o]."""
+
+    magnitude: Node              # m [o], as the division reads it
+    mns: Node                    # m / ‖W′‖ [o] (the old division node)
+    norm: Node                   # ‖W′‖ [o], as PEFT computed it (eye trick and all)
+    norm_weight: Node            # W as the norm reads it: [o,i], in the norm's dtype
+    norm_reduce_dtype: torch.dtype  # the dtype the squares are summed in (fp32 for a 16-bit weight)
+    norm_out_dtype: torch.dtype  # the dtype the norm is cast to (PEFT's `.to(weight.dtype)`)
+    dropout_product: Node | None  # with dropout: the model's second base product X̃·Wᵀ [N,o]
+    grad_m: Node | None          # dm as autograd computes it (None: m needs no gradient, or inference)
+    nodes: tuple[Node, ...]      # the old nodes of the norm and the sum
+
+
 def is_dora_norm_product(anchor: Node) -> bool:
     """Is this X·Aᵀ PEFT's eye(i)·Aᵀ, the first half of DoRA's B·A for the norm (not a site of its own)?"""
     return is_identity(strip_casts(anchor.args[0]))
 
 
-def looks_like_dora(anchor: Node, backward: set[Node]) -> bool:
-    """Does (X·Aᵀ)·Bᵀ reach its sum through a product with a [o]-vector (DoRA's magnitude scale)?"""
+def proves_dora(anchor: Node, backward: set[Node]) -> bool:
+    """Does the graph prove a DoRA site at this X·Aᵀ: (X·Aᵀ)·Bᵀ reaches its sum through a product with an
+    [o]-vector m / n whose n is computed from this adapter's own A and B (PEFT's norm ‖W + s·B·A‖)? A scale
+    that is not such a norm — a layer scale, a gate, a residual mix — is no DoRA: the site is plain LoRA."""
     xab = next((u for u in anchor.users if u not in backward and is_call(u, MM)), None)
+    if xab is None:
+        return False
+    adapter = {strip_weight(transpose_source(anchor.args[1])), strip_weight(transpose_source(xab.args[1]))}
     node = xab
     for _ in range(SUM_SEARCH_DEPTH):
-        node = forward_user(node, backward) if node is not None else None
+        node = forward_user(node, backward)
         if node is None:
             return False
-        if is_call(node, MUL) and any(_is_column_vector(a) for a in node.args):
-            return True
+        if not is_call(node, MUL):
+            continue
+        for vector in node.args:
+            scale = poly.atom(vector) if isinstance(vector, Node) else None
+            if _is_column_vector(vector) and is_call(scale, aten.div.Tensor) \
+                    and depends_on([scale.args[1]], adapter):
+                return True
     return False
 
 
-def match_dora_site(anchor: Node, backward: set[Node]) -> Site:
-    """The complete DoRA site that starts at `anchor` (X·Aᵀ), or NoMatch with the reason."""
-    from lora_rewrite.passes.match import adapter_gradients, find_dropout, input_grad_sum, match_adapter_product
+def strip_weight(node: Any) -> Any:
+    """A parameter under the views, transposes and casts the graph reads it through."""
+    while is_call(node, *CASTS) or is_call(node, aten.permute.default, aten.t.default, aten.transpose.int, *VIEWS):
+        node = node.args[0]
+    return node
 
-    x, at = anchor.args
-    a = transpose_source(at)
-    n, i = shape(x)
-    r, i_a = shape(a)
-    if not same_size(i, i_a) or isinstance(r, torch.SymInt) or isinstance(i, torch.SymInt):
-        raise NoMatch("DoRA: A's shape does not match X's features statically")
+
+def match_dora_site(anchor: Node, backward: set[Node], options: Any, kind: Any) -> Site:
+    """The complete DoRA site that starts at `anchor` (X·Aᵀ), of `kind` (passes/kind_dora.py's), or NoMatch
+    with the reason."""
+    x, a, (n, i, r) = read_anchor(anchor, "DoRA: ")
     xab, b, o = match_adapter_product(anchor, backward, r)
-    out, terms = _dora_sum(xab, backward)
-    mns, scale, linear, bias, dropout_product, quantized = terms
+    out, (mns, scale, base, second) = _dora_sum(xab, backward, i, o)
     magnitude, norm = mns.args
-    if quantized is None:
-        base, base_x = linear.node, linear.x
-        is_base_weight = lambda node: is_linear_weight(node, linear)  # noqa: E731
-    else:
-        base, base_x = quantized.product, quantized.x
-        is_base_weight = lambda node: is_dequantized_weight_of(node, quantized)  # noqa: E731
-    norm_weight, (norm_reduce_dtype, norm_out_dtype), norm_nodes = match_norm(norm, is_base_weight, a, b, scale,
+    norm_weight, (norm_reduce_dtype, norm_out_dtype), norm_nodes = match_norm(norm, base.is_weight, a, b, scale,
                                                                                o, i)
-    narrowed = quantized is not None and dtype(out) != dtype(xab)
-    if narrowed:
-        upcast_base, sum_dtype = check_narrowed(xab, base, mns, out, dropout_product), None
+    base_node = base.node
+    if dtype(out) != dtype(xab) and dtype(xab) == torch.float32:   # the fp32 adapter term cast to a 16-bit sum
+        upcast_base, sum_dtype = check_narrowed(xab, base_node, mns, out, second.node if second else None), None
     else:
-        upcast_base, sum_dtype = check_dtypes(xab, base, mns, out, dropout_product)
-    if quantized is not None and sum_dtype is not None:
-        raise NoMatch(f"DoRA: {ON_A_4BIT_BASE_MIXED}")
-    if dropout_product is None and not adapter_reads_base_input(x, base_x, upcast_base, sum_dtype,
-                                                                quantized is not None):
+        upcast_base, sum_dtype = check_dtypes(xab, base_node, mns, out, second.node if second else None)
+    if second is None and not adapter_reads_base_input(x, base.x, upcast_base, sum_dtype, base.reused):
         raise NoMatch("DoRA: the adapter's input is not provably the base's input")
-    if dropout_product is not None and not same_rows(dropout_product.args[0], x):
+    if second is not None and not same_rows(second.x, x):
         raise NoMatch("DoRA: the second base product does not read the adapter's input")
-    n_arg = x.args[1][0] if is_call(x, *VIEWS) else n if isinstance(n, int) else None
+    n_arg = n_arg_of(x, n)
     if n_arg is None:
         raise NoMatch("DoRA: the token count N could not be read from the graph's views")
     out_shape_args = None
@@ -106,56 +130,56 @@ def match_dora_site(anchor: Node, backward: set[Node]) -> Site:
         if not (is_call(view, *VIEWS) and same_shape(shape(view), shape(out))):
             raise NoMatch("DoRA: the output's shape could not be read from the graph's views")
         out_shape_args = view.args[1]
-    base2d = base if len(shape(base)) == 2 else None
-    forward = ForwardChain(x=x, a=a, b=b, scale=scale, out=out, base=base, base2d=base2d,
-                           out_shape_args=out_shape_args, n_arg=n_arg, linear=linear, sizes=(n, i, o, r),
-                           dtype=dtype(xab), base_dtype=dtype(base), nodes=(anchor, xab, out), quantized=quantized,
+    narrowed = dtype(out) != dtype(xab) and sum_dtype is None
+    forward = ForwardChain(x=x, a=a, b=b, scale=scale, out=out, base=base_node,
+                           base2d=base_node if len(shape(base_node)) == 2 else None, out_shape_args=out_shape_args,
+                           n_arg=n_arg, base_product=base, sizes=(n, i, o, r), dtype=dtype(xab),
+                           base_dtype=dtype(base_node), nodes=(anchor, xab, out),
                            term_cast=dtype(out) if narrowed else None)
     gradients, grad_m = None, None
     if backward:
         g_of = _scaled_output_gradient(mns, scale, cast_from=sum_dtype)
         gradients = adapter_gradients(anchor, forward, backward, g_of, dy_dtype=sum_dtype)
-        if gradients.grad_x_lora is not None and quantized is not None and dropout_product is None:
-            # the 4-bit base's dX product, (mns ⊙ dY)·dequantize_4bit(W), read as QLoRA's (DxMode.TOTAL); where
-            # it is not found, it stays as bitsandbytes computes it (reading the new mns) and only the
-            # adapter's dX_a is replaced (DxMode.LORA)
-            weight = dequantized_weight(quantized, o, i)
-            scale_of_base = _base_output_gradient(mns, minus_one=False)
-            dx_sum = None if weight is None else input_grad_sum(
-                gradients.grad_x_lora, None, lambda gb: scale_of_base(gb, gradients.dy), o, weight=weight)
-            gradients = _with_dx_sum(gradients, dx_sum)
-        elif gradients.grad_x_lora is not None:
-            gradient_product = dropout_product if dropout_product is not None else linear.node
-            scale_of_base = _base_output_gradient(mns, minus_one=dropout_product is not None,
-                                                  casts=sum_dtype is not None)
-            dx_sum = input_grad_sum(gradients.grad_x_lora, _as_linear(gradient_product, linear, quantized),
-                                    lambda gb: scale_of_base(gb, gradients.dy), o)
-            if dx_sum is None and not (upcast_base or sum_dtype is not None):
-                raise NoMatch("DoRA: the base's input gradient was not found in the same sum as the adapter's")
-            # With the base in a narrower dtype than the adapter, autograd sums its (mns ⊙ dY)·W, in the
-            # base's dtype, with the adapter's dX_a across a cast: only dX_a is replaced (DxMode.LORA), the
-            # base's part stays as it is. Under autocast both are 16-bit, the base's gradient 16-bit casts of
-            # dY and (mns − 1) ⊙ dY: their sum is taken over (DxMode.TOTAL) where found.
-            gradients = _with_dx_sum(gradients, dx_sum)
+        if gradients.grad_x_lora is not None:
+            gradients = _with_input_grad_sum(gradients, base, second, mns, sum_dtype, upcast_base, o, i, options)
         grad_m = _magnitude_gradient(norm, backward)
         if grad_m is None and _needs_gradient(magnitude):
             raise NoMatch("DoRA: the magnitude's gradient (a division by the norm) was not found")
     dora = DoraChain(magnitude=magnitude, mns=mns, norm=norm, norm_weight=norm_weight,
                      norm_reduce_dtype=norm_reduce_dtype, norm_out_dtype=norm_out_dtype,
-                     dropout_product=dropout_product,
-                     dropout_weight_io=_as_linear(dropout_product, linear, quantized).w_io
-                     if dropout_product is not None else None,
-                     grad_m=grad_m, nodes=tuple(norm_nodes), base_bias=bias if quantized is not None else None)
+                     dropout_product=second.node if second is not None else None, grad_m=grad_m,
+                     nodes=tuple(norm_nodes))
     needs_dx = gradients is not None and gradients.grad_x_lora is not None
     facts = SiteFacts(
-        plain_linear_base=quantized is None, adapter_dtype=dtype(xab), base_dtype=dtype(base),
-        weight_dtype=dtype(linear.w_io) if linear is not None else None,
-        dropout=dropout_product is not None or find_dropout(x, base),
-        adapter_reads_base_input=dropout_product is None, base_used_elsewhere=False, needs_dx=needs_dx,
-        dx_sum_found=gradients is not None and gradients.dx_sum is not None, dora=True, trains=bool(backward),
-        sum_dtype=sum_dtype)
+        plain_linear_base=base.w_io is not None, adapter_dtype=dtype(xab), base_dtype=dtype(base_node),
+        weight_dtype=base.weight_dtype(), dropout=second is not None or find_dropout(x, base_node),
+        adapter_reads_base_input=second is None, base_used_elsewhere=False, needs_dx=needs_dx,
+        dx_sum_found=gradients is not None and gradients.dx_sum is not None, sum_dtype=sum_dtype)
     return Site(anchor=anchor, provenance=provenance_of(anchor), forward=forward, backward=gradients,
-                backward_note="", dims=Dims(n, i, o, r, needs_dx=needs_dx), facts=facts, dora=dora)
+                backward_note="", dims=Dims(n, i, o, r, needs_dx=needs_dx), facts=facts, kind=kind, extra=dora)
+
+
+def _with_input_grad_sum(gradients: Gradients, base, second, mns: Node, sum_dtype, upcast_base: bool, o, i,
+                         options) -> Gradients:
+    """The gradients with where the adapter's dX_a meets the base's input gradient (mns ⊙ dY)·W — with dropout
+    the second product's ((mns − 1) ⊙ dY)·W — when found (DxMode.TOTAL), else as they are (DxMode.LORA), or
+    NoMatch where the base's part cannot be left as the model computes it.
+
+    With the base in a narrower dtype than the adapter, autograd sums its (mns ⊙ dY)·W, in the base's dtype,
+    with the adapter's dX_a across a cast: only dX_a is replaced (DxMode.LORA), the base's part stays as it
+    is. Under autocast both are 16-bit, the base's gradient 16-bit casts of dY and (mns − 1) ⊙ dY: their sum is
+    taken over (DxMode.TOTAL) where found, unless the `dx_through_casts` behaviour is disabled. A base whose
+    product is reused (a 4-bit base) keeps its own input gradient where its sum is not found: bitsandbytes
+    computes it, reading the new mns."""
+    product = second if second is not None else base
+    through_casts = sum_dtype is not None
+    dx_sum = None
+    if not (through_casts and options is not None and not options.enabled("dx_through_casts")):
+        scale_of_base = _base_output_gradient(mns, minus_one=second is not None, casts=through_casts)
+        dx_sum = product.input_grad_sum(gradients.grad_x_lora, lambda gb: scale_of_base(gb, gradients.dy), o, i)
+    if dx_sum is None and not (upcast_base or through_casts or (second is None and base.reused)):
+        raise NoMatch("DoRA: the base's input gradient was not found in the same sum as the adapter's")
+    return dataclasses.replace(gradients, dx_sum=dx_sum)
 
 
 # --- the forward sum -------------------------------------------------------------------------------------
@@ -172,10 +196,10 @@ def _is_column_vector(node: Any) -> bool:
     return s is not None and len(s) >= 1 and all(same_size(d, 1) for d in s[:-1]) and len(shape(poly.atom(node))) == 1
 
 
-def _dora_sum(xab: Node, backward: set[Node]):
-    """(out, (mns, s, the base LinearBase or None, its bias, the second base product or None, the
-    QuantizedBase or None)): the first node above xab whose value is DoRA's sum."""
-    node, why = xab, "the adapter output does not reach a DoRA sum"
+def _dora_sum(xab: Node, backward: set[Node], i: Any, o: Any):
+    """(out, (mns, s, the base product, its second product X̃·Wᵀ under dropout or None)): the first node above
+    xab whose value is DoRA's sum, or NoMatch with the reason found where the sum came closest to it."""
+    node, why = xab, Unread(0, "the adapter output does not reach a DoRA sum")
     for _ in range(SUM_SEARCH_DEPTH):
         node = forward_user(node, backward)
         if node is None:
@@ -183,33 +207,42 @@ def _dora_sum(xab: Node, backward: set[Node]):
         # Under autocast the 16-bit products are summed in fp32, and PEFT subtracts the fp32 bias from a
         # product that added its bf16 copy: read that sum with casts looked through (the dtypes are
         # checked after, `match_dora_dtypes.check_dtypes`: only such a widened sum is read this way).
-        widened = dtype(xab) in (torch.float16, torch.bfloat16) and dtype(node) == torch.float32
+        widened = dtype(xab) in HALF and dtype(node) == torch.float32
         # PEFT's bitsandbytes layer casts an fp32 DoRA term to the 16-bit base's dtype before its sum
-        # (fp32 adapters on a 16-bit compute dtype, the QLoRA recipe): read through casts as well, on a
-        # 4-bit base only (`_read_sum`), the dtypes checked after (`check_narrowed`).
-        narrowed = dtype(xab) == torch.float32 and dtype(node) in (torch.float16, torch.bfloat16)
+        # (fp32 adapters on a 16-bit compute dtype, the QLoRA recipe): read through casts as well, where the
+        # base reads such a sum (`BaseProduct.unsupported_sum`), the dtypes checked after (`check_narrowed`).
+        narrowed = dtype(xab) == torch.float32 and dtype(node) in HALF
         expanded = poly.expand(node, casts=widened or narrowed)
         if expanded is None:
             break
-        terms = _read_sum(expanded, xab, widened or narrowed, narrowed)
-        if isinstance(terms, str):
-            why = ON_A_4BIT_BASE if why == ON_A_4BIT_BASE or has_4bit_term(expanded) else terms
+        terms = _read_sum(expanded, xab, i, o, widened, narrowed)
+        if isinstance(terms, Unread):
+            why = max(why, terms, key=lambda unread: unread.stage)
             continue
         return node, terms
-    raise NoMatch(f"DoRA: {why}")
+    raise NoMatch(f"DoRA: {why.reason}")
 
 
-def _read_sum(p: poly.Poly, xab: Node, casts: bool = False, narrowed: bool = False):
-    """The sum's parts, or why `p` is not DoRA's sum (a str); `casts`: p's atoms were taken through casts;
-    `narrowed`: an fp32 adapter term reaches a 16-bit sum, read only as PEFT's sum on a 4-bit base."""
+@dataclass(frozen=True)
+class Unread:
+    """Why a node is not DoRA's sum, and how far reading it got (the furthest reason is the one reported)."""
+
+    stage: int
+    reason: str
+
+
+def _read_sum(p: poly.Poly, xab: Node, i: Any, o: Any, widened: bool, narrowed: bool):
+    """The sum's parts, or (how far it read, why `p` is not DoRA's sum); `widened` or `narrowed`: p's atoms
+    were taken through casts (an autocast sum of 16-bit products; an fp32 adapter term cast to a 16-bit sum)."""
+    casts = widened or narrowed
     lora_terms = [(m, c) for m, c in p.items() if xab in m]
     if len(lora_terms) != 1:
-        return "the adapter output is not one term of the sum"
+        return Unread(0, "the adapter output is not one term of the sum")
     mono, coefficient = lora_terms[0]
     others = [f for f in mono if f is not xab]
     vectors = [f for f in others if isinstance(f, Node) and is_call(f, aten.div.Tensor) and _is_column_vector(f)]
     if len(vectors) != 1:
-        return "the adapter output is not scaled by m / ‖W′‖"
+        return Unread(1, "the adapter output is not scaled by m / ‖W′‖")
     mns = vectors[0]
     rest = [f for f in others if f is not mns]
     if rest == [] and coefficient != 0:
@@ -217,94 +250,65 @@ def _read_sum(p: poly.Poly, xab: Node, casts: bool = False, narrowed: bool = Fal
     elif len(rest) == 1 and coefficient == 1.0 and isinstance(rest[0], Node) and shape(rest[0]) == ():
         scale = rest[0]   # a tensor scale (PEFT's hot-swap preparation)
     else:
-        return "the adapter term's scale is not a number or a 0-d tensor"
+        return Unread(2, "the adapter term's scale is not a number or a 0-d tensor")
     scaled = {m: c for m, c in p.items() if mns in m and m != mono}
     plain = {m: c for m, c in p.items() if mns not in m}
-    four_bit = read_4bit_terms(scaled, plain, mns, casts)
-    if four_bit is not None:
-        quantized, bias, second = four_bit
-        return mns, scale, None, bias, second, quantized
-    if narrowed:
-        return "the fp32 DoRA term is cast to a 16-bit sum that is not PEFT's on a 4-bit base"
+    found = _base_without_dropout(scaled, plain, mns, casts, i, o) or _base_with_dropout(scaled, plain, casts,
+                                                                                          mns, i, o)
+    if isinstance(found, str):
+        return Unread(3, found)
+    if found is None:
+        return Unread(3, ("the magnitude does not scale the base product (less its bias) once, nor with lora_dropout a "
+                   "second product of the base's weight subtracted once"))
+    base, second = found
+    unsupported = base.unsupported_sum(widened, narrowed)
+    if unsupported is not None:
+        raise NoMatch(f"DoRA: {unsupported}")
+    return mns, scale, base, second
+
+
+def _atoms(p: poly.Poly) -> list:
+    seen = []
+    for mono in p:
+        seen += [f for f in mono if f not in seen]
+    return seen
+
+
+def _base_without_dropout(scaled: poly.Poly, plain: poly.Poly, mns: Node, casts: bool, i, o):
+    """(the base, None) where the sum is mns·(X·Wᵀ) + b: the magnitude scales the base product less its bias,
+    the bias enters once, unscaled; None otherwise."""
+    for atom in _atoms(scaled):
+        base = base_of_atom(atom, i, o) if atom is not mns else None
+        terms = base.sum_terms(atom, casts) if base is not None else None
+        if terms is None:
+            continue
+        unbiased, bias = terms
+        if poly.same_poly(scaled, {poly.monomial(mns, *m): c for m, c in unbiased.items()}) and \
+                poly.same_poly(plain, bias):
+            return base, None
+    return None
+
+
+def _base_with_dropout(scaled: poly.Poly, plain: poly.Poly, casts: bool, mns: Node, i, o):
+    """(the base, its second product) where the sum is X·Wᵀ + b + mns·(X̃·Wᵀ) − X̃·Wᵀ (PEFT under lora_dropout:
+    a second product of the base's weight on the adapter's input); None otherwise, or why."""
     if len(scaled) != 1:
-        return "the magnitude scales more than the adapter and one base product"
-    (scaled_mono, c1), = scaled.items()
-    (product,) = [f for f in scaled_mono if f is not mns] or [None]
-    if c1 != 1.0 or product is None or len(scaled_mono) != 2:
-        return "the magnitude does not scale the base product once"
-    product_node, product_bias = _product_parts(product)
-    if product_node is None:
-        return "the magnitude scales something that is not a linear product of a weight"
-    if not plain or set(plain.values()) == {1.0} and len(plain) == 1:
-        # no dropout: mns·(X·Wᵀ) [+ b]; the bias is the base addmm's own (it enters once, unscaled)
-        if plain:
-            ((b_mono, _),) = plain.items()
-            if product_bias is None or b_mono != (poly.atom(product_bias, casts),):
-                return "the term outside the magnitude is not the base's bias"
-        elif product_bias is not None:
-            return "the base's bias is scaled by the magnitude"
-        return mns, scale, _linear_of(product_node, product_bias), product_bias, None, None
-    # with dropout: X·Wᵀ + b + mns·(X̃·Wᵀ) − X̃·Wᵀ
-    if product_bias is not None or plain.get((product,)) != -1.0:
-        return "the second base product is not subtracted once"
-    base_terms = {m: c for m, c in plain.items() if m != (product,)}
-    base_parts = [(m, c) for m, c in base_terms.items() if c == 1.0 and len(m) == 1]
-    if len(base_parts) != len(base_terms):
-        return "the base result is not added once"
-    base_product = [m[0] for m, _ in base_parts if _product_parts(m[0])[0] is not None]
-    if len(base_product) != 1:
-        return "the base product was not found"
-    base_node, base_bias = _product_parts(base_product[0])
-    expected_terms = 1 + (base_bias is not None)
-    if len(base_parts) != expected_terms or \
-            (base_bias is not None and (poly.atom(base_bias, casts),) not in base_terms):
-        return "the base result is not the base product plus its bias"
-    linear = _linear_of(base_node, base_bias)
-    second = _linear_of(product_node, None)
-    if linear is None or second is None or _weight_read(second.w_io) != _weight_read(linear.w_io):
-        return "the second product does not read the base's weight"
-    return mns, scale, linear, base_bias, product_node, None
-
-
-def _weight_read(w_io: Any) -> tuple:
-    """How a product reads its weight, casts left out: the ops from the parameter (its node last), so
-    that W·, and W cast to fp32 for PEFT's second product under fp32 adapters, read alike."""
-    ops = []
-    while is_call(w_io, *WEIGHT_OPS):
-        if not is_call(w_io, *CASTS):
-            ops.append((w_io.target, tuple(a for a in w_io.args[1:] if not isinstance(a, Node))))
-        w_io = w_io.args[0]
-    return tuple(ops) + (w_io,)
-
-
-def _product_parts(atom: Any) -> tuple[Node | None, Node | None]:
-    """(the mm or addmm, its bias) when the atom is X·Wᵀ of a weight: an mm node or an addmm's product term."""
-    if isinstance(atom, tuple) and atom[0] == "mm":
-        node = atom[1]
-        return (node, node.args[0]) if _linear_of(node, node.args[0]) is not None else (None, None)
-    if is_call(atom, MM) and _linear_of(atom, None) is not None:
-        return atom, None
-    return None, None
-
-
-def _linear_of(product: Node, bias: Node | None) -> LinearBase | None:
-    """The product as LinearBase (X [N,i] · Wᵀ [i,o] of a weight parameter), or None."""
-    x, w_io = (product.args[1], product.args[2]) if is_call(product, ADDMM) else product.args
-    if not is_weight(w_io) or shape(w_io) is None or len(shape(w_io)) != 2 or len(shape(x) or ()) != 2:
         return None
-    if bias is not None and len(shape(bias) or ()) != 1:
+    ((mono, c),) = scaled.items()
+    products = [f for f in mono if f is not mns]
+    if c != 1.0 or len(mono) != 2 or len(products) != 1:
         return None
-    return LinearBase(product, x, w_io, bias)
-
-
-def _as_linear(product: Node, linear: LinearBase | None, quantized=None) -> LinearBase:
-    """The product as LinearBase: the base's own, or the second base product (with dropout) — on a 4-bit
-    base a product of the dequantized weight (established by `match_dora_4bit.read_4bit_terms`)."""
-    if linear is not None and product is linear.node:
-        return linear
-    if quantized is not None:
-        return LinearBase(product, product.args[0], product.args[1], None)
-    return _linear_of(product, None)
+    (product,) = products
+    for atom in _atoms(plain):
+        base = base_of_atom(atom, i, o) if atom is not product else None
+        terms = base.sum_terms(atom, casts) if base is not None else None
+        if terms is None:
+            continue
+        expected = poly.add(poly.add(terms[0], terms[1]), {poly.monomial(product): 1.0}, -1.0)
+        if poly.same_poly(plain, expected):
+            second = base.second_product(product)
+            return (base, second) if second is not None else "the second product does not read the base's weight"
+    return None
 
 
 # --- the backward ----------------------------------------------------------------------------------------
@@ -391,9 +395,3 @@ def _needs_gradient(magnitude: Node) -> bool:
     source = strip_casts(strip_layout(magnitude))
     value = source.meta.get("val") if isinstance(source, Node) else None
     return bool(getattr(value, "requires_grad", True))
-
-
-def _with_dx_sum(gradients: Gradients, dx_sum) -> Gradients:
-    import dataclasses
-
-    return dataclasses.replace(gradients, dx_sum=dx_sum)

@@ -8,7 +8,7 @@ PEFT's DoRA sum comes in four dtype layouts; each is rewritten or refused with i
                                    upcast into the fp32 sum, W cast up for the norm
     torch.autocast                 every product 16-bit, m and the norm fp32: an fp32    (False, fp32)
                                    sum of 16-bit products by type promotion
-    the QLoRA recipe (4-bit base)  the fp32 DoRA term cast down to the 16-bit sum        match_dora_4bit.check_narrowed
+    the QLoRA recipe (4-bit base)  the fp32 DoRA term cast down to the 16-bit sum        (False, None): check_narrowed
 
 Across those casts the adapter's X and the base's input are the same rows (`adapter_reads_base_input`).
 """
@@ -47,14 +47,27 @@ def check_dtypes(xab: Node, base: Node, mns: Node, out: Node,
     return True, None
 
 
+def check_narrowed(xab: Node, base: Node, mns: Node, out: Node, dropout_product: Node | None) -> bool:
+    """The dtypes of PEFT's DoRA sum on a bitsandbytes layer with fp32 adapters on a 16-bit compute dtype
+    (the QLoRA recipe): the adapter, m, the norm and the DoRA term in fp32, the term cast to the 16-bit
+    base's dtype and added to the base's product there. Returns True (the base is upcast into P) or raises."""
+    adapter = dtype(xab)
+    if not (adapter == dtype(mns) == torch.float32 and dtype(base) in HALF and dtype(out) == dtype(base)
+            and (dropout_product is None or dtype(dropout_product) == adapter)):
+        raise NoMatch(f"DoRA: the fp32 adapter term is cast to a {dtype(out)} sum, but the sum's dtypes are not "
+                      f"PEFT's (adapter {adapter}, magnitude {dtype(mns)}, base {dtype(base)})")
+    return True
+
+
 def adapter_reads_base_input(x: Node, base_x: Node, upcast_base: bool, sum_dtype: torch.dtype | None,
-                             quantized: bool) -> bool:
-    """Is the adapter's X [N,i] provably the base's input, in the site's dtype layout? On a 4-bit base the
-    model's own product is reused, never recomputed from X: its input need only be X's rows through casts
-    (the QLoRA recipe's fp32 norms feed the fp32 adapter X, bitsandbytes casts it to bf16)."""
+                             reused: bool) -> bool:
+    """Is the adapter's X [N,i] provably the base's input, in the site's dtype layout? Where the model's own
+    base product is reused (`BaseProduct.reused`: a 4-bit base), never recomputed from X, its input need only
+    be X's rows through casts (the QLoRA recipe's fp32 norms feed the fp32 adapter X, bitsandbytes casts it
+    to bf16)."""
     return (same_rows(base_x, x) or upcast_base and _is_upcast_of(x, base_x)
             or sum_dtype is not None and _same_values_through_casts(x, base_x)
-            or quantized and _same_rows_through_casts(x, base_x))
+            or reused and _same_rows_through_casts(x, base_x))
 
 
 def _is_upcast_of(x: Node, base_x: Node) -> bool:

@@ -15,17 +15,11 @@ import torch
 from torch.fx import Node
 
 from lora_rewrite.passes import poly
-from lora_rewrite.passes.fx import (CASTS, MM, MUL, dtype, is_call, is_matrix, prims, same_shape, same_value, shape,
-                                    transpose_source)
-from lora_rewrite.passes.site import LinearBase, NoMatch
+from lora_rewrite.passes.fx import (MM, MUL, dtype, is_call, is_matrix, prims, same_shape, same_value, shape,
+                                    strip_casts, transpose_source)
+from lora_rewrite.passes.site import NoMatch
 
 aten = torch.ops.aten
-
-
-def strip_casts(node: Any) -> Any:
-    while is_call(node, *CASTS):
-        node = node.args[0]
-    return node
 
 
 def is_identity(node: Any) -> bool:
@@ -86,16 +80,6 @@ def match_norm(norm: Node, is_base_weight: Callable[[Any], bool], a: Node, b: No
     if len(factors) != 1 or not scale_ok or not _is_lora_weight(factors[0], a, b):
         raise NoMatch("DoRA: the norm's weight is not W + s·B·A of this site's A and B")
     return weight_term[0], (reduce_dtype, out_dtype), [norm, root, radicand, squares, merged]
-
-
-def is_linear_weight(node: Any, linear: LinearBase) -> bool:
-    """W [o,i] (through a cast) of the base product's Wᵀ operand: nn.Linear's W, or Conv1D's stored Wᵀ transposed."""
-    source = strip_casts(node)
-    w_io = strip_casts(linear.w_io)
-    if transpose_source(w_io) is not None and same_value(source, strip_casts(transpose_source(w_io))):
-        return True
-    inner = transpose_source(source)
-    return inner is not None and same_value(strip_casts(inner), w_io)
 
 
 def _is_lora_weight(node: Any, a: Node, b: Node) -> bool:

@@ -1,21 +1,24 @@
-"""Where the backward sums the adapter's input gradient with the base's: dX = dX_a + dY·W.
+"""Where the backward sums the adapter's input gradient with the base's: dX = dX_a + G·W.
 
 Autograd writes the gradient of X, when the adapter reads the base's own input, as two products
-summed: dX_a = z1·A (z1 = s·dY·B) from the adapter and dY·W from the base linear. The merged backward
-variants (lora_rewrite/variants.py) replace that sum by one product, dX = dY·(W + s·B·A), so the
-matcher must find where the two meet: `input_grad_sum` returns that meeting point as an
-`InputGradSum`, or None when the products are not summed in a form the rewrite covers.
+summed: dX_a = z1·A (z1 = s·dY·B) from the adapter and G·W from the base product (G = dY for LoRA). The
+merged backward variants (lora_rewrite/variants.py) replace that sum by one product, dX = dY·(W + s·B·A),
+so the matcher must find where the two meet: `input_grad_sum` returns that meeting point as an
+`InputGradSum`, or None when the products are not summed in a form the rewrite covers. Which products
+are the base's input gradient is the base's to say (`BaseProduct.input_grad_sum`, passes/base_product.py).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from torch.fx import Node
 
-from lora_rewrite.passes.fx import (ADD, BMM, EXPAND, MM, PERMUTE, VIEWS, dtype, is_call, prims, same_shape,
-                                    same_size, shape, single_user, transpose_source)
-from lora_rewrite.passes.site import InputGradSum, LinearBase
+from lora_rewrite.passes.fx import ADD, BMM, VIEWS, dtype, is_call, prims, same_shape, same_size, shape, single_user
+from lora_rewrite.passes.site import InputGradSum
+
+# One candidate product of the base's input gradient: (the product node, its G operand, the node holding G·W).
+GradientProduct = tuple[Node, Node, Node]
 
 
 def _add_root(node: Node) -> Node:
@@ -43,17 +46,16 @@ def _summand(product: Node) -> tuple[Node, Any, Any, Node | None]:
     return end, view_args, cast_to, user
 
 
-def input_grad_sum(dxa: Node, linear: LinearBase | None, is_base_gradient: Callable[[Node], bool],
-                   o: int, weight: Node | None = None) -> InputGradSum | None:
-    """Where dX_a (= z1·A) and the base's input gradient G·W are summed, if they are: both products in
-    the adapter's dtype, reaching the same sum through the same view and cast. `is_base_gradient(G)`
-    says whether G is the base result's gradient (dY for LoRA). `weight`: instead of the linear's Wᵀ, the
-    [o,i] weight the base's product G·W reads directly (a quantized base's dequantized weight)."""
+def input_grad_sum(dxa: Node, products: Iterable[GradientProduct], is_base_gradient: Callable[[Node], bool],
+                   o: int, *, w_io: Node | None = None, weight: Node | None = None) -> InputGradSum | None:
+    """Where dX_a (= z1·A) and one of the base's input-gradient `products` G·W are summed, if they are: both
+    in the adapter's dtype, reaching the same sum through the same view and cast. `is_base_gradient(G)`
+    says whether G is the base result's gradient. The weight those products read is recorded for the
+    rewrite: `w_io`, Wᵀ [i,o] as the base's forward product reads it, or `weight`, the [o,i] weight the
+    products read directly (a 4-bit base's dequantized weight)."""
     lora_end, lora_view_args, lora_cast, lora_add = _summand(dxa)
     if lora_add is None or not is_call(lora_add, ADD) or lora_add.kwargs:
         return None
-    products = _input_grad_products(linear.w_io) if weight is None else \
-        [(mm, mm.args[0], mm) for mm in weight.users if is_call(mm, MM) and mm.args[1] is weight]
     for product, gb, value in products:
         batched = is_call(product, BMM)
         rows_match = same_size(shape(gb)[-1], o) if batched else same_shape(shape(gb), shape(dxa)[:1] + (o,))
@@ -67,32 +69,5 @@ def input_grad_sum(dxa: Node, linear: LinearBase | None, is_base_gradient: Calla
         root = _add_root(lora_end)
         if root is lora_end or _add_root(base_end) is not root:
             continue
-        return InputGradSum(lora_end, lora_add, product, base_end, view_args, base_cast, weight)
+        return InputGradSum(lora_end, lora_add, product, base_end, view_args, base_cast, w_io=w_io, weight=weight)
     return None
-
-
-def _input_grad_products(w_io: Node):
-    """The backward's products dY·W that read the base weight, each as (the product node, its dY
-    operand, the node that holds dY·W):
-
-    - mm(dY, (Wᵀ)ᵀ), the usual form;
-    - (Wᵀ·dYᵀ)ᵀ = mm(w_io, dYᵀ) transposed back, autograd's form for an input in transposed layout;
-    - bmm(dY, Wᵀ broadcast and transposed back to [B,o,i]), for a batched base (`_batched_linear_base`).
-    """
-    for user in list(w_io.users):
-        if transpose_source(user) is w_io:
-            for mm in user.users:
-                if is_call(mm, MM) and mm.args[1] is user:
-                    yield mm, mm.args[0], mm
-        elif is_call(user, MM) and user.args[0] is w_io and transpose_source(user.args[1]) is not None:
-            back = single_user(user)
-            if back is not None and transpose_source(back) is user:
-                yield user, transpose_source(user.args[1]), back
-        elif is_call(user, EXPAND):
-            for w_batched in [user] + [v for v in user.users if is_call(v, *VIEWS)]:
-                if len(shape(w_batched) or ()) != 3:
-                    continue
-                for w_t in w_batched.users:
-                    if is_call(w_t, PERMUTE) and list(w_t.args[1]) == [0, 2, 1]:
-                        yield from ((bmm, bmm.args[0], bmm) for bmm in w_t.users
-                                    if is_call(bmm, BMM) and bmm.args[1] is w_t)

@@ -35,7 +35,7 @@ from lora_rewrite.containment import Stage, StageFailed, describe, free_device_m
 from lora_rewrite.cost import Choice, CostUnit, choose
 from lora_rewrite.debug import log
 from lora_rewrite.options import RunLoraOptions
-from lora_rewrite.variants import BACKWARDS, BY_NAME, FORWARDS, Dims, DxMode, SiteFacts, Variant
+from lora_rewrite.variants import Dims, DxMode, SiteFacts, Variant
 from lora_rewrite.passes.site import Site
 
 
@@ -108,32 +108,14 @@ def plan_site(site: Site, options: RunLoraOptions) -> Plan:
 
 
 def site_variants(site: Site) -> tuple[tuple[Variant, ...], tuple[Variant, ...]]:
-    """The forward and backward variants for the site's kind: LoRA's, or DoRA's (lora_rewrite/dora.py)."""
-    if site.dora is not None:
-        from lora_rewrite.dora import DORA_BACKWARDS, DORA_FORWARDS
-
-        return DORA_FORWARDS, DORA_BACKWARDS
-    return FORWARDS, BACKWARDS
-
-
-def _forced_variant(name: str, site: Site) -> Variant:
-    """A forced paper name ("backward5") as the site's kind runs it (dora-backward5 at a DoRA site)."""
-    if site.dora is not None:
-        from lora_rewrite.dora import DORA_BY_LORA_NAME
-
-        return DORA_BY_LORA_NAME[name]
-    return BY_NAME[name]
-
-
-def _weight_stored_as_io(site: Site) -> bool:
-    linear = site.forward.linear
-    return linear is not None and linear.w_io.meta["val"].is_contiguous()
+    """The forward and backward variants of the site's kind (passes/kind.py)."""
+    return site.kind.forwards, site.kind.backwards
 
 
 def _stage_context(site: Site) -> dict:
     """What a measurement needs to know about the site besides its dims and dtype."""
     dx_mode = site.backward.dx_mode if site.backward is not None else None
-    return {"dx": dx_mode, "weight_stored_as_io": _weight_stored_as_io(site),
+    return {"dx": dx_mode, "weight_stored_as_io": site.forward.base_product.weight_stored_as_io(),
             "dx_in_rows": dx_mode is DxMode.TOTAL and site.backward.dx_sum.leaves_graph}
 
 
@@ -195,8 +177,8 @@ def _choose_stage(stage: str, legality: dict[Variant, str | None], forced: str |
                   options: RunLoraOptions, notes: list, n_known: bool) -> Choice:
     legal = _legal(legality)
     if forced is not None:
-        variant = _forced_variant(forced, site)
-        reason = legality[variant]
+        variant = site.kind.variant(forced)   # the paper's name as the site's kind runs it (dora-backward5)
+        reason = legality[variant] if variant in legality else f"the {site.kind.name} kind has no such variant"
         if reason is None:
             return Choice(variant, forced=True, unit=CostUnit.FORCED)
         notes.append(f"forced {forced} is illegal here ({reason}); chose by {options.criterion} instead")

@@ -23,14 +23,13 @@ from typing import Any, Callable
 import torch
 from torch.fx import Node
 
-from lora_rewrite.passes.fx import ADD, ADDMM, CASTS, MUL, VIEWS, is_call, same_size, shape
+from lora_rewrite.passes.fx import ADD, ADDMM, CASTS, LAYOUT_OPS, MUL, is_call, same_size, shape
 
 aten = torch.ops.aten
 
 SUB = aten.sub.Tensor
 DIV = aten.div.Tensor
 NEG = aten.neg.default
-LAYOUT = tuple(VIEWS) + (aten.clone.default, aten.contiguous.default)
 
 MAX_TERMS = 16
 MAX_DEPTH = 16
@@ -44,7 +43,7 @@ def atom(node: Any, casts: bool = False) -> Any:
     """The node `node` stands for as a factor: through views (and copies) that keep its last dimension,
     and with `casts` through dtype casts too (a value and its 16-bit copy as one atom: under autocast
     PEFT subtracts the fp32 bias from a product that added its bf16 copy)."""
-    ops = LAYOUT + CASTS if casts else LAYOUT
+    ops = LAYOUT_OPS + CASTS if casts else LAYOUT_OPS
     while is_call(node, *ops):
         inner = node.args[0]
         outer_shape, inner_shape = shape(node), shape(inner)
@@ -123,6 +122,11 @@ def expand(node: Any, is_leaf: Callable[[Node], bool] = lambda n: False, depth: 
         p = sub(args[0])
         return None if p is None else _add(p, {(product_term(node),): 1.0})
     return {(node,): 1.0}
+
+
+def add(p: Poly, q: Poly, scale: float = 1.0) -> Poly:
+    """p + scale·q, terms that cancel dropped."""
+    return _add(p, q, scale)
 
 
 def monomial(*atoms: Any) -> Monomial:

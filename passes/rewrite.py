@@ -30,9 +30,9 @@ from torch.fx import Graph, Node
 
 from lora_rewrite import compat
 from lora_rewrite.containment import SiteHalfRewritten, Stage
-from lora_rewrite.forms import FixedForms, FormPlan
-from lora_rewrite.variants import (HALF_DTYPES, BackwardOperands, BackwardResult, DxMode, ForwardOperands,
-                                   ForwardResult, Variant)
+from lora_rewrite.forms import FormPlan
+from lora_rewrite.options import RunLoraOptions
+from lora_rewrite.variants import BackwardResult, DxMode, ForwardResult, Ops, Variant
 from lora_rewrite.passes.fx import (PERMUTE, RUNLORA_NODE, VIEWS, dtype, erase_unused, is_call, is_tangent,
                                     made_by_runlora, prims, same_shape, shape)
 from lora_rewrite.passes.site import Site
@@ -76,14 +76,14 @@ class RewrittenSite:
     forms: dict = dataclasses.field(default_factory=dict)   # the product forms it was written in
 
 
-class GraphOps(FixedForms):
+class GraphOps(Ops):
     """`ops` that append FX nodes to a graph, each with its fake value (meta["val"]); every product
     with a form (lora_rewrite.forms) in the form `forms` names for its role."""
 
     def __init__(self, graph: Graph, fake_mode, forms: FormPlan | None = None):
+        super().__init__(forms)
         self.graph = graph
         self.fake_mode = fake_mode
-        self.forms = dict(forms or {})
         self.created: list[Node] = []
         self._created_set: set[Node] = set()
         self._template: Node | None = None
@@ -128,19 +128,8 @@ class GraphOps(FixedForms):
         with self.fake_mode:
             return target(*to_val(list(args)), **{k: to_val(v) for k, v in kwargs.items()})
 
-    # the op vocabulary of lora_rewrite.variants
-    def mm(self, a, b):
-        return self.call(aten.mm.default, a, b)
-
-    def addmm(self, c, a, b, alpha=1, beta=1):
-        if alpha == 1 and beta == 1:
-            return self.call(aten.addmm.default, c, a, b)
-        if beta == 1:
-            return self.call(aten.addmm.default, c, a, b, alpha=alpha)
-        return self.call(aten.addmm.default, c, a, b, beta=beta, alpha=alpha)
-
-    def row(self, a, index):
-        return self.call(aten.select.int, a, 0, index)
+    def value(self, a):
+        return a.meta["val"]
 
     def has_rows(self, a):
         """Certainly at least one row, for every value a symbolic size may take (an unbacked N may be 0)."""
@@ -150,44 +139,7 @@ class GraphOps(FixedForms):
         # (aᵀ)ᵀ is a itself: a product form never stacks two transposed views of one tensor.
         if is_call(a, PERMUTE) and list(a.args[1]) == [1, 0]:
             return a.args[0]
-        return self.call(PERMUTE, a, [1, 0])
-
-    def scale(self, a, s):
-        if isinstance(s, (int, float)) and s == 1:
-            return a
-        return self.call(aten.mul.Tensor, a, s)
-
-    # elementwise and reductions, for DoRA's magnitude (lora_rewrite/dora.py)
-    def mul(self, a, b):
-        return self.call(aten.mul.Tensor, a, b)
-
-    def div(self, a, b):
-        return self.call(aten.div.Tensor, a, b)
-
-    def add(self, a, b):
-        return self.call(aten.add.Tensor, a, b)
-
-    def sub(self, a, b):
-        return self.call(aten.sub.Tensor, a, b)
-
-    def sqrt(self, a):
-        return self.call(aten.sqrt.default, a)
-
-    def eq(self, a, value):
-        return self.call(aten.eq.Scalar, a, value)
-
-    def where(self, condition, a, b):
-        if isinstance(a, (int, float)):
-            return self.call(aten.where.ScalarSelf, condition, a, b)
-        if isinstance(b, (int, float)):
-            return self.call(aten.where.ScalarOther, condition, a, b)
-        return self.call(aten.where.self, condition, a, b)
-
-    def sum_dim(self, a, dim):
-        return self.call(aten.sum.dim_IntList, a, [dim])
-
-    def dtype_of(self, a):
-        return dtype(a)
+        return super().t(a)
 
     def recompute(self, a):
         # The partitioner must recompute this value in the backward rather than save it. Only
@@ -208,39 +160,6 @@ class GraphOps(FixedForms):
         if a in self._created_set and "recompute" not in a.meta:
             a.meta["recompute"] = compat.must_save_policy()
         return a
-
-    def cat(self, nodes, dim):
-        return self.call(aten.cat.default, list(nodes), dim)
-
-    def narrow(self, a, dim, start, length):
-        return self.call(aten.slice.Tensor, a, dim, start, start + length)
-
-    def contiguous(self, a):
-        return self.call(aten.clone.default, a, memory_format=torch.contiguous_format)
-
-    def size(self, a, dim):
-        return a.meta["val"].shape[dim]
-
-    def device_type(self, a):
-        return a.meta["val"].device.type
-
-    def is_half(self, a):
-        return dtype(a) in HALF_DTYPES
-
-    def stored_as_io(self, w_io):
-        return w_io.meta["val"].is_contiguous()
-
-    # shape plumbing used by the rewrite itself
-    def view(self, a, shape_args):
-        return self.call(aten.view.default, a, shape_args)
-
-    def reshape(self, a, shape_args):
-        return self.call(aten.reshape.default, a, shape_args)
-
-    def cast(self, a, to_dtype):
-        if dtype(a) == to_dtype:
-            return a
-        return self.call(prims.convert_element_type.default, a, to_dtype)
 
     def erase_created(self) -> None:
         """Erase every node this GraphOps created (none of them may be in use outside it yet)."""
@@ -275,45 +194,23 @@ def check_same(new: Node, old: Node, what: str) -> None:
                            f"expected {dtype(old)}{list(shape(old) or ())}")
 
 
-def _build_forward(ops: GraphOps, site: Site, variant: Variant) -> ForwardResult:
+def summed_output(ops: GraphOps, site: Site, y: Node) -> Node:
+    """A forward variant's Y [N,o] as the old sum `out` holds it: cast where PEFT cast the adapter's term to
+    the base's dtype before the sum (its bnb layers: Y rounded once), viewed to out's shape; checked."""
     chain = site.forward
-    with ops.like(chain.out):
-        if variant.merges_weight:
-            lin = chain.linear
-            operands = ForwardOperands(x=chain.x, a=chain.a, b=chain.b, s=chain.scale, w_io=lin.w_io, bias=lin.bias)
-        else:
-            base = chain.base2d if chain.base2d is not None else matrix_2d(ops, chain.base, chain.n_arg, site.dims.o)
-            operands = ForwardOperands(x=chain.x, a=chain.a, b=chain.b, s=chain.scale, base=base)
-        result = variant.compute(ops, operands)
-        y = result.y
-        if chain.term_cast is not None:   # PEFT cast the adapter's term to the base's dtype before the sum
-            y = ops.cast(y, dtype(chain.out))
-        if chain.out_shape_args is not None:
-            y = ops.view(y, chain.out_shape_args)
+    if chain.term_cast is not None:
+        y = ops.cast(y, dtype(chain.out))
+    if chain.out_shape_args is not None:
+        y = ops.view(y, chain.out_shape_args)
     check_same(y, chain.out, "forward")
-    return ForwardResult(y, xa=result.xa)
-
-
-def _build_backward(ops: GraphOps, site: Site, variant: Variant) -> tuple[BackwardResult, dict[Node, Node]]:
-    """The backward variant's result, and the replacements {old node: new node} for the site's gradients."""
-    chain, grads = site.forward, site.backward
-    mode = grads.dx_mode
-    with ops.like(first_gradient(ops, site)):
-        w_io = base_weight_io(ops, site) if mode is DxMode.TOTAL else None
-        operands = BackwardOperands(dy=output_gradient_2d(ops, site), x=chain.x, a=chain.a, b=chain.b,
-                                    s=chain.scale, w_io=w_io, dx=mode, dx_in_rows=dx_in_rows(site))
-        result = variant.compute(ops, operands)
-        replacements = gradient_replacements(ops, site, result.grad_a, result.grad_b, result.grad_x)
-    return result, replacements
+    return y
 
 
 def base_weight_io(ops: GraphOps, site: Site) -> Node:
-    """Wᵀ [i,o] as the base's input-gradient product reads W: the linear's operand, or the transpose of the
-    [o,i] weight the backward's product reads (a quantized base's dequantized weight)."""
+    """Wᵀ [i,o] as the base's input-gradient product reads W: the forward product's operand, or the
+    transpose of the [o,i] weight the backward's product reads (a 4-bit base's dequantized weight)."""
     dx_sum = site.backward.dx_sum
-    if dx_sum.weight is not None:
-        return ops.t(dx_sum.weight)
-    return site.forward.linear.w_io
+    return ops.t(dx_sum.weight) if dx_sum.weight is not None else dx_sum.w_io
 
 
 def first_gradient(ops: GraphOps, site: Site) -> Node:
@@ -359,26 +256,31 @@ def gradient_replacements(ops: GraphOps, site: Site, grad_a: Node, grad_b: Node,
 
 
 def rewrite_site(graph: Graph, fake_mode, site: Site, forward: Variant, backward: Variant | None,
-                 forms: FormPlan | None = None) -> RewrittenSite:
+                 forms: FormPlan | None = None, options: RunLoraOptions | None = None) -> RewrittenSite:
     """Replace the site's forward (and, when `backward` is given, its gradients) in place, each product
-    in the form `forms` names for its role (lora_rewrite.forms; default forms where it names none).
+    in the form `forms` names for its role (lora_rewrite.forms; default forms where it names none). What
+    the variants read is the site's kind's to build (`SiteKind.forward_operands`, `backward_operands`), and
+    what it replaces besides Y, dA, dB and dX (`SiteKind.replacements`); the rest is the same for every kind.
 
     Raises RewriteError, leaving the graph untouched, if any new value does not check out, and
     SiteHalfRewritten if redirecting the uses fails (the graph is then half rewritten: the pass
     restores it, lora_rewrite/containment.py)."""
+    options = options if options is not None else RunLoraOptions()
     ops = GraphOps(graph, fake_mode, forms)
+    kind = site.kind
     try:
-        if site.dora is not None:
-            from lora_rewrite.passes.rewrite_dora import build_dora
-
-            forward_result, backward_result, replacements = build_dora(ops, site, forward, backward)
-        else:
-            forward_result = _build_forward(ops, site, forward)
-            replacements = {site.forward.out: forward_result.y}
-            backward_result = None
+        with ops.like(site.forward.out):
+            forward_result = forward.compute(ops, kind.forward_operands(ops, site, forward, options))
+            replacements = {site.forward.out: summed_output(ops, site, forward_result.y)}
+        backward_result = None
+        with ops.like(first_gradient(ops, site) if backward is not None else site.forward.out):
             if backward is not None:
-                backward_result, backward_replacements = _build_backward(ops, site, backward)
-                replacements.update(backward_replacements)
+                backward_result = backward.compute(ops, kind.backward_operands(ops, site, backward, forward_result))
+                replacements.update(gradient_replacements(ops, site, backward_result.grad_a, backward_result.grad_b,
+                                                          backward_result.grad_x))
+            for old, new in kind.replacements(ops, site, forward_result, backward_result).items():
+                check_same(new, old, f"{kind.name}")
+                replacements[old] = new
     except Exception as e:
         try:
             ops.erase_created()
@@ -389,7 +291,7 @@ def rewrite_site(graph: Graph, fake_mode, site: Site, forward: Variant, backward
         raise RewriteError(f"{type(e).__name__}: {e}") from e
 
     try:
-        _redirect_uses(graph, site, backward, replacements, set(ops.created))
+        _redirect_uses(graph, site, backward, replacements, set(ops.created), options)
     except Exception as e:   # uses already redirected cannot be taken back here: the caller restores the graph
         raise SiteHalfRewritten(Stage.REWRITE, e) from e
     return RewrittenSite(site, forward, backward, tuple(ops.created), _products(forward_result, backward_result),
@@ -397,11 +299,12 @@ def rewrite_site(graph: Graph, fake_mode, site: Site, forward: Variant, backward
 
 
 def _redirect_uses(graph: Graph, site: Site, backward: Variant | None, replacements: dict[Node, Node],
-                   new_nodes: set[Node]) -> None:
+                   new_nodes: set[Node], options: RunLoraOptions) -> None:
     """Point every use of the site's old values at the new ones, then erase what lost its last user."""
     keep_unsaved(site.anchor)
-    for node in _upcasts_worth_recomputing(site):
-        keep_unsaved(node)
+    if options.enabled("recompute_upcasts"):
+        for node in upcasts_worth_recomputing(site):
+            keep_unsaved(node)
     if backward is not None and site.backward.dx_mode is DxMode.TOTAL:
         # The adapter's summand leaves dX's sum: its add now passes the other summand through.
         dx_sum = site.backward.dx_sum
@@ -430,13 +333,13 @@ def keep_unsaved(node: Node) -> None:
     node.meta["recompute"] = compat.must_recompute_policy()
 
 
-def _upcasts_worth_recomputing(site: Site) -> list[Node]:
+def upcasts_worth_recomputing(site: Site) -> list[Node]:
     """Casts the backward would otherwise keep a wider copy of: X cast up to the adapter's dtype (PEFT's
     default fp32 adapters on a bf16 model), and parameters cast for the computation (autocast). Saving
     the narrower source and redoing the cast costs one elementwise pass and halves what is held."""
     found = []
     fwd = site.forward
-    roots = [fwd.x, fwd.a, fwd.b] + ([fwd.linear.w_io] if fwd.linear is not None else [])
+    roots = [fwd.x, fwd.a, fwd.b] + ([fwd.base_product.w_io] if fwd.base_product.w_io is not None else [])
     for root in roots:
         node = root
         chain = []

@@ -29,19 +29,6 @@ class NoMatch(Exception):
 
 
 @dataclass(frozen=True)
-class LinearBase:
-    """base = X_b·w_io (+ bias): the base layer's product, with its weight as the [i,o] operand.
-
-    Batched: for an input matmul cannot view as [N,i] (transposed, strided, expanded), the product is
-    bmm(X_b [B,T,i], w_io broadcast to [B,i,o]) with the bias added after; X_b's rows are the N rows."""
-
-    node: Node          # the mm/addmm, or the bmm of a batched base
-    x: Node             # X_b [N,i], or [B,T,i] when batched
-    w_io: Node          # Wᵀ [i,o] (nn.Linear: permute(W); transformers' Conv1D: its weight as stored)
-    bias: Node | None
-
-
-@dataclass(frozen=True)
 class ForwardChain:
     """out = base + s·(X·Aᵀ)·Bᵀ, node by node."""
 
@@ -54,12 +41,11 @@ class ForwardChain:
     base2d: Node | None          # the same as [N,o], when it already exists in the graph
     out_shape_args: Any          # view args [N,o] -> out's shape; None when out is 2-D
     n_arg: Any                   # N as view args spell it (an int or a SymInt node)
-    linear: LinearBase | None    # the base product, when it is a plain linear of a weight parameter
+    base_product: Any            # what the base term is: a BaseProduct (passes/base_product.py)
     sizes: tuple                 # (N, i, o, r) as read off X, A and B; N may be a SymInt
     dtype: torch.dtype           # the adapter's compute dtype (the sum's, unless `term_cast`)
     base_dtype: torch.dtype
     nodes: tuple[Node, ...]      # xa, xab, the view and the scaling between them, out
-    quantized: Any = None        # a QuantizedBase (passes/match_quantized.py) when the base is a 4-bit product
     term_cast: Any = None        # the dtype s·(X·Aᵀ)·Bᵀ is cast to before the sum (PEFT's bnb layers), or None
 
 
@@ -73,8 +59,8 @@ class InputGradSum:
     base_end: Node      # base_mm, or its view, or the cast of that, as it enters the sum
     view_args: Any      # view args from [N,i] back to X's shape, None if X is 2-D
     cast_to: Any        # the dtype both summands are cast to before the sum (autocast), or None
-    weight: Node | None = None   # the [o,i] weight base_mm reads, where the base is not a plain linear
-                                 # (a quantized base's dequantized weight); None: the linear's Wᵀ, transposed
+    w_io: Node | None = None     # Wᵀ [i,o] as the base's forward product reads it (base_mm reads its transpose)
+    weight: Node | None = None   # or the [o,i] weight base_mm reads directly (a 4-bit base's dequantized weight)
 
     @property
     def leaves_graph(self) -> bool:
@@ -107,27 +93,6 @@ class Gradients:
 
 
 @dataclass(frozen=True)
-class DoraChain:
-    """What a DoRA site adds to the LoRA chain (lora_rewrite/dora.py): Y = mns ⊙ P + b with
-    mns = m / ‖W + s·B·A‖, and the magnitude's gradient.
-
-    The site's ForwardChain holds X̃ (the adapter's input), A, B, s, the sum `out` and the base product
-    (`linear`); `base2d` is the model's base result X·Wᵀ + b as [N,o]."""
-
-    magnitude: Node              # m [o], as the division reads it
-    mns: Node                    # m / ‖W′‖ [o] (the old division node)
-    norm: Node                   # ‖W′‖ [o], as PEFT computed it (eye trick and all)
-    norm_weight: Node            # W as the norm reads it: [o,i], in the norm's dtype
-    norm_reduce_dtype: torch.dtype  # the dtype the squares are summed in (fp32 for a 16-bit weight)
-    norm_out_dtype: torch.dtype  # the dtype the norm is cast to (PEFT's `.to(weight.dtype)`)
-    dropout_product: Node | None  # with dropout: the model's second base product X̃·Wᵀ [N,o]
-    dropout_weight_io: Node | None  # that product's Wᵀ [i,o] (W cast to the adapter's dtype where it is wider)
-    grad_m: Node | None          # dm as autograd computes it (None: m needs no gradient, or inference)
-    nodes: tuple[Node, ...]      # the old nodes of the norm and the sum
-    base_bias: Node | None = None  # a 4-bit base's bias, added inside its product (ForwardChain.quantized)
-
-
-@dataclass(frozen=True)
 class Site:
     """One PEFT LoRA site `Y = X·Wᵀ (+ bias) + s·(X·Aᵀ)·Bᵀ` and its backward, as matched in the graph.
 
@@ -139,7 +104,9 @@ class Site:
         backward_note: why `backward` is None in a graph that has a backward ("" otherwise).
         dims: N, i, o, r and whether X needs a gradient: what the cost criteria read.
         facts: what the variants' guards read (lora_rewrite.variants.SiteFacts).
-        dora: a DoRA site's magnitude, norm and their gradient; None for a LoRA site.
+        kind: the kind of site (passes/kind.py `SiteKind`: plain LoRA, DoRA, …), which matched it.
+        extra: what the kind adds to the LoRA chain, in its own record (DoRA: its magnitude, norm and their
+            gradient); None for plain LoRA.
     """
 
     anchor: Node
@@ -149,15 +116,12 @@ class Site:
     backward_note: str
     dims: Dims
     facts: SiteFacts
-    dora: DoraChain | None = None
+    kind: Any
+    extra: Any = None
 
     @property
     def module_path(self) -> str:
         return self.provenance.path
-
-    @property
-    def kind(self) -> str:
-        return "dora" if self.dora is not None else "lora"
 
     def nodes(self) -> list[Node]:
         """Every node of the graph the site consists of, forward and backward."""
@@ -168,8 +132,7 @@ class Site:
             if g.dx_sum is not None:
                 d = g.dx_sum
                 members += [d.lora_end, d.lora_add, d.base_mm, d.base_end]
-        if self.dora is not None:
-            members += list(self.dora.nodes) + [self.dora.grad_m]
+        members += list(self.kind.own_nodes(self))
         seen, result = set(), []
         for n in members:
             if isinstance(n, Node) and n not in seen:

@@ -4,57 +4,33 @@
     python scripts/ab_merge_casts.py ROUNDS I O R DROPOUT [kept]      e.g. 31 1024 2816 16 0.1 kept
 
 One DoRA linear (fp32 model, every forward under torch.autocast(bfloat16)), N = 4096 tokens, lora_dropout =
-DROPOUT. Times, interleaved in one process (medians): the frozen layer, stock Inductor twice (the A/A noise),
-runlora as it is, and `runlora-unmerged`: runlora with the merge disabled by a patch while that model compiles
-(the model's product on X and the rewrite's products each cast dY to bf16). Compiled as
-scripts/ab_autocast_dx_total.py compiles (a wrapper class per model, compile caches off). `kept`: glibc's
-malloc keeps freed memory (runlora-bench --keep-freed-memory).
+DROPOUT: the frozen layer, stock Inductor twice (the A/A noise), runlora as it is, and `runlora-unmerged`: runlora
+with the behaviour `merge_casts` disabled (the model's product on X and the rewrite's products each cast dY to
+bf16). The harness: lora_rewrite/bench/ab.py.
 """
 
 import sys
 
 import torch
 
-import lora_rewrite.passes as runlora_pass
-from ab_autocast_dx_total import autocast_steps
-from lora_rewrite.bench import measure
-from lora_rewrite.bench.layer import LayerShape, build_layer_models, make_layer_inputs
-from lora_rewrite.compat import fresh_compile_caches
+from lora_rewrite.bench.ab import contenders, layer_ab_settings, run_ab
+from lora_rewrite.bench.layer import build_layer_models, make_layer_inputs
 
 
 def main(argv) -> None:
-    torch.set_num_threads(2)
-    rounds, i, o, r, dropout = int(argv[0]), int(argv[1]), int(argv[2]), int(argv[3]), float(argv[4])
-    kept = argv[5:] == ["kept"]
-    if kept:
-        measure.keep_freed_memory()
-    cpu = torch.device("cpu")
-    shape = LayerShape(i=i, o=o, tokens=4096, r=r, batch=32)
+    settings, (dropout,) = layer_ab_settings(argv, extra=1)
+    dropout = float(dropout)
+    shape, r, cpu = settings.shape, settings.r, torch.device("cpu")
     peft, frozen = build_layer_models(shape, r=r, alpha=r, dropout=dropout, bias=False, dtype=torch.float32,
                                       device=cpu, fp32_adapters=False, use_dora=True, bits4=False)
     inputs = make_layer_inputs(shape, dtype=torch.float32, device=cpu)
-    steps = autocast_steps(peft, frozen, inputs, "runlora-unmerged")
-    merge = runlora_pass.merge_duplicate_casts
-    merged = {}
-
-    def counting(graph):
-        merged[name] = merge(graph)
-        return merged[name]
-
-    def run(name):
-        steps[name]().backward()
-
-    for name in steps:   # the first calls compile, each from scratch (a cache hit would serve the other graph)
-        runlora_pass.merge_duplicate_casts = (lambda graph: 0) if name == "runlora-unmerged" else counting
-        with fresh_compile_caches():
-            run(name)
-        for _ in range(2):
-            run(name)
-    runlora_pass.merge_duplicate_casts = merge
-    print("casts merged:", merged)
-    median = measure.alternating_medians(run, list(steps), rounds)
-    title = f"dora autocast i={i} o={o} r={r} dropout={dropout}, {rounds} rounds" + (", freed memory kept" if kept else "")
-    print("\n".join(measure.ab_summary(title, median, "runlora-unmerged")))
+    models = contenders(peft, frozen, inputs, "runlora-unmerged", {"disable": ["merge_casts"]}, autocast=True)
+    result = run_ab(models, settings.rounds)
+    print("casts merged:", {name: sum(r.casts_merged for r in reports) for name, reports in result.reports.items()
+                            if name.startswith("runlora")})
+    title = f"dora autocast i={shape.i} o={shape.o} r={r} dropout={dropout}, {settings.rounds} rounds" + \
+        (", freed memory kept" if settings.kept else "")
+    print("\n".join(result.summary(title, "runlora-unmerged")))
 
 
 if __name__ == "__main__":

@@ -127,19 +127,18 @@ def merged_facts(**changes):
 
     facts = SiteFacts(plain_linear_base=True, adapter_dtype=torch.float32, base_dtype=torch.float32,
                       weight_dtype=torch.float32, dropout=False, adapter_reads_base_input=True,
-                      base_used_elsewhere=False, needs_dx=True, dx_sum_found=True, dora=True, trains=False)
+                      base_used_elsewhere=False, needs_dx=True, dx_sum_found=True)
     return dataclasses.replace(facts, **changes)
 
 
 def test_guards():
-    assert DORA_FORWARD1.illegal_reason(merged_facts(dropout=True, trains=True)) is None
+    assert DORA_FORWARD1.illegal_reason(merged_facts(dropout=True)) is None
     assert DORA_FORWARD2.illegal_reason(merged_facts()) is None
-    assert DORA_FORWARD2.illegal_reason(merged_facts(trains=True)) is None
     assert "lora_dropout" in DORA_FORWARD2.illegal_reason(merged_facts(dropout=True, adapter_reads_base_input=False))
     assert "fp16" in DORA_FORWARD2.illegal_reason(merged_facts(adapter_dtype=torch.float16, base_dtype=torch.float16,
                                                                 weight_dtype=torch.float16))
     for variant in DORA_FORWARDS + DORA_BACKWARDS:
-        reason = variant.illegal_reason(merged_facts(dropout=True, trains=True))
+        reason = variant.illegal_reason(merged_facts(dropout=True))
         assert (reason is not None) == variant.merges_weight, variant.name
 
 

@@ -1,4 +1,4 @@
-"""QLoRA: PEFT LoRA on bitsandbytes 4-bit bases (`lora.bnb.Linear4bit`, passes/match_quantized.py), built
+"""QLoRA: PEFT LoRA on bitsandbytes 4-bit bases (`lora.bnb.Linear4bit`, passes/base_4bit.py), built
 from configs with random weights quantized in the test (no download). The unmerged variants are exact on
 any base, so every one of them must give eager PEFT QLoRA's gradients, and a float64 reference built from
 the dequantized weight; the merged ones must never be chosen. QDoRA (DoRA on those bases) likewise, with

@@ -70,8 +70,9 @@ def test_a_lora_linear_and_its_gradients_are_one_site(lead, bias, x_grad):
     site = the_site(forward, *([x, w, b0, a, b] if bias else [x, w, a, b]))
 
     assert site.dims == Dims(10, I, O, R, needs_dx=x_grad)
-    assert site.forward.scale == 2.0 and site.forward.linear is not None
-    assert (site.forward.linear.bias is not None) == bias
+    assert site.forward.scale == 2.0 and site.forward.base_product.name == "linear"
+    assert site.kind.name == "lora" and site.extra is None
+    assert (site.forward.base_product.bias is not None) == bias
     assert site.backward is not None and site.backward_note == ""
     assert site.backward.dx_mode is (DxMode.TOTAL if x_grad else None)
     assert site.facts == SiteFacts(plain_linear_base=True, adapter_dtype=torch.float32, base_dtype=torch.float32,
@@ -169,8 +170,9 @@ def test_a_linear_on_a_non_contiguous_input_is_one_site(shape, view):
     _, w, b0, a, b = primals()
     site = the_site(on_view, torch.randn(shape, requires_grad=True), w, b0, a, b)
     batched = len(shape) > 2
-    assert site.forward.linear is not None and site.forward.linear.bias is not None
-    assert (site.forward.linear.node.target is torch.ops.aten.bmm.default) == batched
+    base = site.forward.base_product
+    assert base.name == "linear" and base.bias is not None
+    assert (base.node.target is torch.ops.aten.bmm.default) == batched
     assert site.facts.adapter_reads_base_input and not site.facts.base_used_elsewhere
     assert site.backward is not None and site.backward.dx_mode is DxMode.TOTAL
     assert illegal(site) == {}
@@ -201,13 +203,20 @@ def test_lora_b_with_a_bias_is_no_match():
     assert "lora_bias" in no_match_reason(lora_bias, *primals(), torch.randn(O, requires_grad=True))
 
 
-def test_a_tensor_that_rescales_the_adapter_output_is_no_match():
-    """DoRA's shape (the adapter's output times an [o] vector) but not DoRA's algebra: the vector is not
-    m / ‖W + s·B·A‖, so the DoRA matcher (passes/match_dora.py) leaves it untouched and says why."""
+def test_a_tensor_that_rescales_the_adapter_output_before_its_sum_is_no_match():
+    """DoRA's shape (the adapter's output times an [o] vector before the sum) but not DoRA's algebra: the
+    vector is no norm of this adapter's weights, so the graph proves no DoRA site (passes/kinds.py), and as
+    plain LoRA the scaled term is not s·(X·Aᵀ)·Bᵀ: left untouched, and the reason says so."""
     def rescaled(x, w, b0, a, b, magnitude):
         return F.linear(x, w, b0) + F.linear(F.linear(x, a), b) * magnitude
 
-    assert "not scaled by m / ‖W′‖" in no_match_reason(rescaled, *primals(), torch.randn(O))
+    gm = joint_graph(rescaled, *primals(), torch.randn(O))
+    (anchor,), backward = match_graph(gm.graph)
+    from lora_rewrite.passes.kinds import kind_at
+
+    assert kind_at(anchor, backward).name == "lora"
+    reason = no_match_reason(rescaled, *primals(), torch.randn(O))
+    assert "multiplied by a tensor that is not a scalar" in reason and "not DoRA's magnitude" in reason
 
 
 def test_an_adapter_output_not_added_to_a_base_is_no_match():
@@ -482,7 +491,7 @@ def test_mixed_batch_adapter_names_are_left_untouched():
 
 
 def test_a_4bit_base_is_matched_with_its_facts_and_rewritten_unmerged():
-    """A bitsandbytes 4-bit base (passes/match_quantized.py): matched, no plain linear in its facts (so
+    """A bitsandbytes 4-bit base (passes/base_4bit.py): matched, no plain linear in its facts (so
     the merged variants are illegal, said in the notes), rewritten forward and backward, = eager."""
     bnb = pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model
