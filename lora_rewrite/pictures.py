@@ -329,7 +329,9 @@ def _result_roles(site) -> dict[Node, str]:
     grads = site.backward
     if grads is None:
         return results
-    results[grads.grad_a], results[grads.grad_b] = "dA", "dB"
+    results[grads.grad_b] = "dB"
+    if grads.grad_a is not None:
+        results[grads.grad_a] = "dA"
     results.update(site.kind.roles(site)[1])   # the kind's own results (DoRA's dm)
     if grads.dx_sum is not None:
         results[grads.dx_sum.lora_add] = results[grads.dx_sum.base_end] = "dX"

@@ -216,7 +216,7 @@ def measure_stage(variant: Variant, shape: StageShape, device: torch.device, *,
     """The forms `variant` runs fastest in at this shape and each candidate's time; with `stage_time`
     (the "time" criterion) also the whole stage's time in those forms."""
     device = torch.device(device)
-    return _measure_stage(variant.name, shape, device.type, device.index, _repeats(), stage_time)
+    return _measure_stage(variant, shape, device.type, device.index, _repeats(), stage_time)
 
 
 def _repeats() -> int:
@@ -227,10 +227,8 @@ def _repeats() -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _measure_stage(name: str, shape: StageShape, device_type: str, device_index: int | None,
+def _measure_stage(variant: Variant, shape: StageShape, device_type: str, device_index: int | None,
                    repeats: int, stage_time: bool) -> StageMeasurement:
-    from lora_rewrite.variants import BY_NAME
-
     device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
     key = shape.key(device)
     cached = CACHE.get(key)
@@ -238,9 +236,9 @@ def _measure_stage(name: str, shape: StageShape, device_type: str, device_index:
         return cached
     # This runs inside the compiler, where fake tensors are active: time real ones.
     with compat.unset_fake_temporarily(), torch.no_grad():
-        if not stage_time and not _roles_of(BY_NAME[name], shape):
+        if not stage_time and not _roles_of(variant, shape):
             return StageMeasurement({}, {})   # nothing to choose (forward2): nothing to run or to keep
-        run = _stage_runner(BY_NAME[name], shape, device)
+        run = _stage_runner(variant, shape, device)
         if cached is None:
             ops = MeasuringOps(device, repeats)
             run(ops)

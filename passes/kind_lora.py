@@ -45,13 +45,13 @@ def match_lora(anchor: Node, backward: set[Node], options: Any = None) -> Site:
     gradients, backward_note = None, ""
     if backward:  # an inference graph has no backward to match
         try:
-            gradients = _match_backward(anchor, forward, backward)
+            gradients = match_lora_backward(anchor, forward, backward)
         except NoMatch as e:
             backward_note = str(e)
     needs_dx = gradients is not None and gradients.grad_x_lora is not None
     return Site(anchor=anchor, provenance=provenance_of(anchor), forward=forward, backward=gradients,
                 backward_note=backward_note, dims=Dims(*forward.sizes, needs_dx=needs_dx),
-                facts=_facts(forward, gradients, needs_dx), kind=LORA)
+                facts=lora_facts(forward, gradients, needs_dx), kind=LORA)
 
 
 def match_forward(anchor: Node, backward: set[Node]) -> ForwardChain:
@@ -134,8 +134,11 @@ def _scaled_sum(xab: Node) -> tuple[Node, Node, Any, Any, list[Node], Any]:
     return nxt, term, scale, out_shape_args, chain, term_cast
 
 
-def _match_backward(anchor: Node, forward: ForwardChain, backward: set[Node]) -> Gradients:
-    gradients = adapter_gradients(anchor, forward, backward, lambda g_source: _unscaled(g_source, forward))
+def match_lora_backward(anchor: Node, forward: ForwardChain, backward: set[Node], frozen_a: bool = False) -> Gradients:
+    """dB, Z1, dA (none where A is frozen: `frozen_a`) and dX_a from g = s·dY, and where dX_a meets the
+    base's input gradient; NoMatch where they are not in that form."""
+    gradients = adapter_gradients(anchor, forward, backward, lambda g_source: _unscaled(g_source, forward),
+                                  frozen_a=frozen_a)
     if gradients.grad_x_lora is None:
         return gradients
     dy = gradients.dy
@@ -155,7 +158,8 @@ def _unscaled(g_source: Node, forward: ForwardChain) -> Node | None:
     return None
 
 
-def _facts(forward: ForwardChain, gradients: Gradients | None, needs_dx: bool) -> SiteFacts:
+def lora_facts(forward: ForwardChain, gradients: Gradients | None, needs_dx: bool) -> SiteFacts:
+    """What the variants' guards read about a site on this forward chain and these gradients."""
     base = forward.base_product
     merges = base.w_io is not None
     return SiteFacts(

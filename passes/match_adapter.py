@@ -65,10 +65,12 @@ def match_adapter_product(anchor: Node, backward: set[Node], r: Any) -> tuple[No
 
 
 def adapter_gradients(anchor: Node, forward: ForwardChain, backward: set[Node],
-                      dy_of: Callable[[Node], Node | None], dy_dtype: torch.dtype | None = None) -> Gradients:
+                      dy_of: Callable[[Node], Node | None], dy_dtype: torch.dtype | None = None,
+                      frozen_a: bool = False) -> Gradients:
     """dB, Z1, dA and dX_a of the adapter, from g (the gradient reaching B: `dy_of(g)` is the output
     gradient dY it scales, or None); `dx_sum` is left None for the caller to find. dY is in the adapter's
-    dtype, or in `dy_dtype` (a DoRA sum under torch.autocast)."""
+    dtype, or in `dy_dtype` (a DoRA sum under torch.autocast). `frozen_a`: A needs no gradient, so the
+    graph holds no dA (LoRA-FA); `grad_a` is None."""
     grad_b = g = None
     for u in anchor.users:
         if u not in backward:
@@ -116,11 +118,13 @@ def adapter_gradients(anchor: Node, forward: ForwardChain, backward: set[Node],
             grad_x_lora = u
             continue
         raise NoMatch("g·B is used by an op other than dA and the adapter's dX")
-    if grad_a is None:
+    if grad_a is None and not frozen_a:
         raise NoMatch("dA = (g·B)ᵀ·X was not found")
+    if grad_a is not None and frozen_a:
+        raise NoMatch("dA = (g·B)ᵀ·X is computed for an A taken to be frozen")
     return Gradients(dy=dy, dy_shape_args2d=dy_shape_args2d, grad_a=grad_a, grad_b=grad_b,
                      grad_x_lora=grad_x_lora, dx_sum=None,
-                     nodes=(g_source, g, grad_b, z1, grad_a) + ((grad_x_lora,) if grad_x_lora is not None else ()))
+                     nodes=tuple(n for n in (g_source, g, grad_b, z1, grad_a, grad_x_lora) if n is not None))
 
 
 def _transposed_product(product: Node, right: Node, left_t: Node) -> Node | None:

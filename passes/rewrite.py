@@ -237,7 +237,9 @@ def dx_in_rows(site: Site) -> bool:
 def gradient_replacements(ops: GraphOps, site: Site, grad_a: Node, grad_b: Node, grad_x: Node | None) -> dict:
     """{old node: new node} for dA, dB and the input gradient a backward variant returned, checked."""
     grads = site.backward
-    replacements = {grads.grad_a: grad_a, grads.grad_b: grad_b}
+    replacements = {grads.grad_b: grad_b}
+    if grads.grad_a is not None:   # a kind whose A is frozen has no dA to replace
+        replacements[grads.grad_a] = grad_a
     if grads.dx_mode is DxMode.LORA:
         replacements[grads.grad_x_lora] = grad_x
     elif grads.dx_mode is DxMode.TOTAL:

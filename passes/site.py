@@ -78,7 +78,7 @@ class Gradients:
 
     dy: Node                     # unscaled dY, in the adapter's dtype
     dy_shape_args2d: Any         # view args of dY as [N,o] when the graph reshapes it; None when it is 2-D
-    grad_a: Node                 # dA = z1ᵀ·X
+    grad_a: Node | None          # dA = z1ᵀ·X; None where A needs no gradient (a kind with a frozen A)
     grad_b: Node                 # dB = gᵀ·xa
     grad_x_lora: Node | None     # dX_a = z1·A; None where X needs no gradient
     dx_sum: InputGradSum | None  # where dX_a meets the base's dY·W, when found

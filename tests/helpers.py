@@ -77,6 +77,19 @@ def assert_close_to(reference, actual, *, rtol: float, what: str = "") -> None:
     assert err <= rtol, f"{what}: relative error {float(err):.3g} > {rtol}"
 
 
+def assert_same_step(reference, actual, *, rtol: float, trained: int = 2) -> None:
+    """Two steps `step` returned, (Y, dX, {name: grad}), agree: Y, dX and the gradient of every trained
+    parameter, at least `trained` of them (A and B: a check that leaves dA and dB out sees nothing the
+    backward variants do to them)."""
+    (y, dx, grads), (y2, dx2, grads2) = reference, actual
+    assert_close_to(y, y2, rtol=rtol, what="Y")
+    if dx is not None or dx2 is not None:
+        assert_close_to(dx, dx2, rtol=rtol, what="dX")
+    assert grads.keys() == grads2.keys() and len(grads) >= trained, (sorted(grads), sorted(grads2))
+    for name in grads:
+        assert_close_to(grads[name], grads2[name], rtol=rtol, what=name)
+
+
 def runlora(model, **options):
     """Compile with runlora through Inductor's passes and partitioner, without code generation."""
     return torch.compile(model, backend="runlora", options={"codegen": False, **options})

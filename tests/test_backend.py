@@ -10,22 +10,40 @@ from helpers import assert_close_to, peft_linear, result_line, run_fresh_python,
 from lora_rewrite.options import RunLoraOptions
 
 TRAIN_ONE_STEP = """
+import copy
 model = peft_model()
-params = [p for p in model.parameters() if p.requires_grad]
-before = [p.detach().clone() for p in params]
-opt = torch.optim.AdamW(params, lr=1e-2)
+with torch.no_grad():   # PEFT starts B at 0, where dA is 0 whatever the rewrite does: a B that makes dA count
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+eager = copy.deepcopy(model)
+x = torch.randn(4, 8, 16)
 imported_before = "lora_rewrite" in sys.modules
 {prelude}
-compiled = torch.compile(model, backend="runlora", options={options})
-loss = compiled(torch.randn(4, 8, 16)).square().mean()
-loss.backward()
-opt.step()
+
+def train_step(module, forward):
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    loss = forward(x).square().mean()
+    loss.backward()
+    grads = [p.grad.detach().clone() for p in params]
+    opt.step()
+    return loss, grads, [p.detach().clone() for p in params]
+
+loss, grads, after = train_step(model, torch.compile(model, backend="runlora", options={options}))
+eager_loss, eager_grads, eager_after = train_step(eager, eager)
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
 from torch._dynamo.utils import counters
 print("RESULT", json.dumps({{"imported_before": imported_before,
                             "imported_after": "lora_rewrite" in sys.modules,
                             "counters": dict(counters["runlora"]),
-                            "updated": all(not torch.equal(a, p) for a, p in zip(before, params)),
-                            "loss": loss.item()}}))
+                            "trained": len(grads),
+                            "grad_err": max(rel_err(g, e) for g, e in zip(grads, eager_grads)),
+                            "step_err": max(rel_err(p, e) for p, e in zip(after, eager_after)),
+                            "loss": loss.item(), "eager_loss": eager_loss.item()}}))
 """
 
 
@@ -38,13 +56,21 @@ def test_fresh_interpreter_trains_a_step_without_importing_lora_rewrite():
     result = run_fresh()
     assert result["imported_before"] is False and result["imported_after"] is True
     assert result["counters"]["sites_rewritten"] == 1 and result["counters"]["backward_rewritten"] == 1
-    assert result["updated"]
+    assert_trained_as_eager(result)
+
+
+def assert_trained_as_eager(result: dict) -> None:
+    """The step's gradients of A and B, and the AdamW step they give, are eager PEFT's."""
+    assert result["trained"] == 2
+    assert result["grad_err"] <= 1e-5 and result["step_err"] <= 1e-5, result
+    assert abs(result["loss"] - result["eager_loss"]) <= 1e-5 * abs(result["eager_loss"])
 
 
 def test_explicit_import_first_does_not_register_twice():
     result = run_fresh(prelude="import lora_rewrite; lora_rewrite.register(); lora_rewrite.register()",
                        options='{"codegen": False}')
-    assert result["counters"]["sites_rewritten"] == 1 and result["updated"]
+    assert result["counters"]["sites_rewritten"] == 1
+    assert_trained_as_eager(result)
 
 
 @pytest.mark.inductor

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import peft_linear, runlora_counters, step
+from helpers import assert_same_step, peft_linear, runlora_counters, step
 from lora_rewrite.options import RunLoraOptions
 
 
@@ -115,8 +115,86 @@ def test_options_that_change_the_rewrite_change_the_cache_key():
 def test_every_criterion_compiles_and_is_correct(criterion):
     model = peft_linear(16, 24, 4)
     x = torch.randn(2, 8, 16, requires_grad=True)
-    y_ref, dx_ref, _ = step(model, x)
-    y, dx, _ = step(torch.compile(model, backend="runlora", options={"codegen": False, "criterion": criterion}), x)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
-    assert runlora_counters()["sites_rewritten"] == 1
+    eager = step(model, x)
+    rewritten = step(torch.compile(model, backend="runlora", options={"codegen": False, "criterion": criterion}), x)
+    assert_same_step(eager, rewritten, rtol=1e-5)
+    assert runlora_counters()["sites_rewritten"] == 1 and runlora_counters()["backward_rewritten"] == 1
+
+
+# --- option `disable`: each behaviour of the pass can be switched off, for a same-process A/B -------------------
+
+@pytest.mark.parametrize("disable,message", [
+    (["merge_cast"], "'disable' must be a list of behaviour names from ['add_narrow_base', 'dx_through_casts', "
+                     "'merge_casts', 'recompute_upcasts']"),
+    (3, "'disable' must be a list of behaviour names"),
+    ([None], "'disable' must be a list of behaviour names"),
+])
+def test_a_bad_behaviour_names_the_valid_ones(disable, message):
+    with pytest.raises(ValueError) as info:
+        RunLoraOptions.from_user({"disable": disable})
+    assert message in str(info.value)
+
+
+def test_disabled_behaviours_are_in_the_cache_key_in_any_order():
+    keys = {RunLoraOptions(disable=d).rewrite_key() for d in ((), ["merge_casts"], ["recompute_upcasts"],
+                                                              ["merge_casts", "recompute_upcasts"])}
+    assert len(keys) == 4
+    one, other = RunLoraOptions(disable=["merge_casts", "add_narrow_base"]), RunLoraOptions(
+        disable=("add_narrow_base", "merge_casts", "merge_casts"))
+    assert one.rewrite_key() == other.rewrite_key() and one.disable == ("add_narrow_base", "merge_casts")
+    assert not one.enabled("merge_casts") and one.enabled("dx_through_casts")
+    with pytest.raises(KeyError, match="the behaviours are"):
+        one.enabled("merge_cast")
+
+
+def bf16_base_fp32_adapters():
+    """PEFT's default on a bf16 model: the adapters upcast to fp32 (autocast_adapter_dtype)."""
+    from peft import LoraConfig, get_peft_model
+
+    from helpers import OneLinear, randomize_adapters
+
+    torch.manual_seed(0)
+    model = get_peft_model(OneLinear(16, 24).to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8,
+                                                                             target_modules=["proj"]))
+    randomize_adapters(model)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    return model
+
+
+def test_disabling_recompute_upcasts_keeps_the_fp32_input_for_backward():
+    """Off, the partitioner keeps X cast to fp32 for the backward (4 bytes an element) instead of the bf16 X (2):
+    what scripts/ab_save_cast_input.py measures. The gradients are the same either way."""
+    from helpers import activation_bytes_saved_for_backward
+
+    model = bf16_base_fp32_adapters()
+    x = torch.randn(4, 32, 16, dtype=torch.bfloat16, requires_grad=True)
+    eager = step(model, x)
+    saved = {}
+    for disable in ([], ["recompute_upcasts"]):
+        compiled = torch.compile(model, backend="runlora", options={"codegen": False, "disable": disable})
+        assert_same_step(eager, step(compiled, x), rtol=1e-2)
+        saved[tuple(disable)] = activation_bytes_saved_for_backward(compiled, lambda: compiled(x.detach().requires_grad_()))
+        torch._dynamo.reset()
+    assert saved[("recompute_upcasts",)] - saved[()] >= 128 * 16 * 2, saved   # X [N,i] at 4 bytes, not 2
+
+
+def test_disabling_add_narrow_base_widens_the_base_and_accumulates_onto_it(monkeypatch):
+    """Off, forward1 casts the bf16 base to fp32 and accumulates the adapter onto it with addmm (the form before
+    2026-12-06: scripts/ab_widened_base.py); on, it adds the base as it is. Same values either way."""
+    from helpers import compiled_graphs
+
+    model = bf16_base_fp32_adapters()
+    x = torch.randn(4, 32, 16, dtype=torch.bfloat16, requires_grad=True)
+    eager = step(model, x)
+    accumulates_onto_cast = {}
+    for disable in ([], ["add_narrow_base"]):
+        graphs = compiled_graphs(monkeypatch)
+        compiled = torch.compile(model, backend="runlora", options={"codegen": False, "disable": disable,
+                                                                    "forward": "forward1"})
+        assert_same_step(eager, step(compiled, x), rtol=1e-2)
+        forward = graphs[0]
+        accumulates_onto_cast[tuple(disable)] = any(
+            n.target is torch.ops.aten.addmm.default and n.args[0].target is torch.ops.prims.convert_element_type.default
+            for n in forward.nodes if n.op == "call_function")
+        torch._dynamo.reset()
+    assert accumulates_onto_cast == {(): False, ("add_narrow_base",): True}

@@ -188,14 +188,20 @@ def loss_and_grads(fn, model: nn.Module, inputs: dict):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in trainable(model).items() if p.grad is not None}
 
 
-def train(fn, model: nn.Module, data: list[dict], *, lr: float = 1e-3, optimizer=None):
-    """AdamW steps of `fn` over `data`: per-step losses (float64) and the final trainable parameters."""
+def train(fn, model: nn.Module, data: list[dict], *, lr: float = 1e-3, optimizer=None,
+          first_grads: dict | None = None):
+    """AdamW steps of `fn` over `data`: per-step losses (float64) and the final trainable parameters.
+    `first_grads`, a dict, receives the first step's gradient of every trainable parameter: AdamW's update
+    does not change when every gradient is scaled alike, so a parity of losses and weights alone cannot see
+    a gradient off by a constant factor."""
     opt = optimizer or torch.optim.AdamW(list(trainable(model).values()), lr=lr)
     losses = []
-    for inputs in data:
+    for k, inputs in enumerate(data):
         opt.zero_grad(set_to_none=True)
         loss = fn(**inputs).loss
         loss.backward()
+        if k == 0 and first_grads is not None:
+            first_grads.update({n: p.grad.detach().clone() for n, p in trainable(model).items()})
         opt.step()
         losses.append(loss.detach().double())
     return torch.stack(losses), {n: p.detach().clone() for n, p in trainable(model).items()}

@@ -317,6 +317,34 @@ def test_autocast_takes_over_the_whole_input_gradient_from_one_bf16_dy(monkeypat
     assert len(casts_down) == 1, casts_down
 
 
+@pytest.mark.parametrize("disable", [["dx_through_casts"], ["merge_casts"]])
+def test_autocast_with_a_behaviour_disabled_is_still_eager_s_step(monkeypatch, disable):
+    """Option `disable` (what scripts/ab_autocast_dx_total.py and ab_merge_casts.py measure): without
+    `dx_through_casts` only the adapter's dX_a is replaced (DxMode.LORA) and the model's bf16 base gradient stays;
+    without `merge_casts` the rewrite's cast of dY to bf16 is not merged with the model's own (two casts down).
+    Either way the step's gradients are eager PEFT's."""
+    from helpers import Autocast, assert_close_to, compiled_graphs
+
+    model = one_dora_linear(dropout=0.25)
+    x, grad_out = torch.randn(3, 8, 20, requires_grad=True), torch.randn(3, 8, 28)
+    torch.manual_seed(3)
+    y_ref, dx_ref, g_ref = step(Autocast(model), x, grad_out)
+    graphs = compiled_graphs(monkeypatch)
+    with debug.collect_reports() as reports:
+        torch.manual_seed(3)
+        y, dx, g = step(runlora(Autocast(model), disable=disable, fallback_random=True), x, grad_out)
+    for what, ref, got in [("Y", y_ref, y), ("dX", dx_ref, dx)] + [(n, g_ref[n], g[n]) for n in g_ref]:
+        assert_close_to(ref, got, rtol=2e-2, what=what)
+    assert g.keys() == g_ref.keys() and len(g) == 3   # A, B and m
+    (site,) = sites(reports)
+    casts_down = [n for n in graphs[1].nodes if n.target is torch.ops.prims.convert_element_type.default
+                  and n.args[1] == torch.bfloat16 and n.meta["val"].numel() == 24 * 28]
+    if disable == ["dx_through_casts"]:
+        assert site.dx_mode == "lora"
+    else:
+        assert site.dx_mode == "total" and reports[0].casts_merged == 0 and len(casts_down) >= 2, casts_down
+
+
 def test_autocast_never_takes_a_merged_variant():
     """Forcing forward2 / backward5 under autocast falls back to a factored variant, with the reason."""
     from helpers import Autocast
@@ -371,16 +399,24 @@ def test_autocast_on_families_is_rewritten_and_as_close_to_float64_as_eager(fami
 def test_a_magnitude_in_another_dtype_is_a_widened_sum_or_left_untouched(magnitude_dtype):
     """bf16 adapters on a bf16 model with the magnitude in another dtype (not what PEFT builds). An fp32
     m makes the sum fp32 over bf16 products, autocast's algebra: rewritten as that. A float64 m is not a
-    sum the rewrite knows: left untouched with the reason. The step equals eager either way."""
+    sum the rewrite knows: left untouched with the reason. Either way the loss and every gradient (A, B, m) are
+    as close to the float64 model's as eager PEFT's."""
     model = dora_model("llama", layers=1, dtype=torch.bfloat16, autocast_adapter_dtype=False)
     for name, p in model.named_parameters():
         if "lora_magnitude_vector" in name:
             p.data = p.data.to(magnitude_dtype)
     eager_model, compiled_model = twins(model)
+    (model64,) = twins(model, 1)
+    model64 = model64.double()
+    loss64, grads64 = loss_and_grads(model64, model64, batch())
     with debug.collect_reports() as reports:
-        loss_ref, _ = loss_and_grads(eager_model, eager_model, batch())
-        loss, _ = loss_and_grads(runlora(compiled_model), compiled_model, batch())
-    assert rel_err(loss_ref, loss) <= 1e-2
+        loss_ref, grads_ref = loss_and_grads(eager_model, eager_model, batch())
+        loss, grads = loss_and_grads(runlora(compiled_model), compiled_model, batch())
+    eps = torch.finfo(torch.bfloat16).eps
+    assert rel_err(loss64, loss) <= 1.5 * rel_err(loss64, loss_ref) + eps
+    assert grads.keys() == grads_ref.keys() == grads64.keys() and len(grads) == 3 * len(lora_linears(model))
+    for name in grads64:
+        assert rel_err(grads64[name], grads[name]) <= 1.5 * rel_err(grads64[name], grads_ref[name]) + 4 * eps, name
     if magnitude_dtype == torch.float32:
         assert_all_rewritten(reports, model)
         assert {(s.forward, s.dtype) for s in sites(reports)} == {("dora-forward1", "bfloat16")}

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers import (activation_bytes_saved_for_backward, assert_close_to, count_compiled_flops,
+from helpers import (activation_bytes_saved_for_backward, assert_close_to, assert_same_step, count_compiled_flops,
                      float64_reference, joint_graph, randomize_adapters, run_joint, runlora, runlora_counters, step)
 from lora_rewrite import compat, debug
 from lora_rewrite.forms import ROLES
@@ -157,12 +157,17 @@ def test_fused_siblings_match_float64_with_the_same_flops_and_fewer_products(for
 
 
 def test_dropout_gives_each_sibling_its_own_input_and_nothing_is_fused():
+    """Each adapter's dropout mask makes its own input: no fusion, and with eager's masks eager's step."""
     model = siblings_model(lora_dropout=0.1)
-    x = torch.randn(2, 5, I, requires_grad=True)
-    step(runlora(model), x, torch.randn(2, 5, O))
+    x, grad_out = torch.randn(2, 5, I, requires_grad=True), torch.randn(2, 5, O)
+    torch.manual_seed(5)
+    eager = step(model, x, grad_out)
+    torch.manual_seed(5)
+    rewritten = step(runlora(model, fallback_random=True), x, grad_out)
     counters = runlora_counters()
     assert counters["sites_rewritten"] == 3
     assert "sibling_groups_fused" not in counters
+    assert_same_step(eager, rewritten, rtol=2e-6, trained=6)
 
 
 def test_bf16_model_with_peft_default_fp32_adapters_fuses_across_the_casts():
@@ -199,17 +204,21 @@ def test_fusion_saves_no_more_for_backward(backward):
     saved = {}
     for fuse in (True, False):
         torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         compiled = runlora(model, forward="forward1", backward=backward, fuse_siblings=fuse)
         compiled(x)  # compile first: only the second call's saved tensors are counted
         saved[fuse] = activation_bytes_saved_for_backward(model, lambda: compiled(x))
+        assert_same_step(step(model, x), step(compiled, x), rtol=2e-6, trained=6)
+        assert (runlora_counters().get("sibling_groups_fused", 0) >= 2) == fuse
     assert saved[True] <= saved[False]
 
 
 def test_the_report_names_the_fused_siblings():
     model = siblings_model()
+    x, grad_out = torch.randn(5, I, requires_grad=True), torch.randn(5, O)
     with debug.collect_reports() as reports:
-        step(runlora(model, forward="forward1", backward="backward1"), torch.randn(5, I, requires_grad=True),
-             torch.randn(5, O))
+        rewritten = step(runlora(model, forward="forward1", backward="backward1"), x, grad_out)
+    assert_same_step(step(model, x, grad_out), rewritten, rtol=2e-6, trained=6)
     (report,) = reports
     kinds = {f.kind: f for f in report.fused}
     assert set(kinds) == {"X·Aᵀ", "dA = Z1ᵀ·X"}
