@@ -75,6 +75,9 @@ SAME_VALUE_DEPTH = 8
 # adapter's rewritten output as a base (several adapters on one layer), and the erasers to tell the
 # pass's own nodes from the model's.
 RUNLORA_NODE = "runlora"
+# meta key on a node the pass creates for a product with a choice of form: the product's role
+# (lora_rewrite/forms.py `Role.name`), which the site pictures label it by.
+ROLE_META = "runlora_role"
 
 
 # --- reading nodes -----------------------------------------------------------------------------------

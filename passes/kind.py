@@ -35,6 +35,10 @@ def no_replacements(ops, site, forward_result, backward_result) -> dict:
     return {}
 
 
+def no_labels(site) -> dict:
+    return {}
+
+
 @dataclass(frozen=True, repr=False)
 class SiteKind:
     """One kind of site. Each callable reads (or builds) nothing but the site it is handed.
@@ -55,6 +59,8 @@ class SiteKind:
         roles: site → ({node: role} of its inputs, {node: role} of the values it hands on) besides LoRA's
             (X, A, B, W, bias, dY; Y, dA, dB, dX), for the site pictures (DoRA: m; dm).
         own_nodes: site → the nodes of the graph only this kind's record names (DoRA: its norm, dm).
+        labels: site → {node: what it is, in the notation of the record's equations}, for the site picture of
+            the graph as matched (lora_rewrite/pictures.py).
         part_of_a_site: node mm(P, Aᵀ) → is it a product inside a site of this kind rather than a site's X·Aᵀ
             (DoRA's eye(i)·Aᵀ, the first half of its norm's B·A)?
     """
@@ -70,6 +76,7 @@ class SiteKind:
     replacements: Callable = no_replacements
     roles: Callable[[Any], tuple[dict, dict]] = no_roles
     own_nodes: Callable[[Any], tuple] = no_nodes
+    labels: Callable[[Any], dict] = no_labels
     part_of_a_site: Callable[[Node], bool] = never
 
     def __repr__(self) -> str:

@@ -25,6 +25,7 @@ from lora_rewrite.dora import (DORA_BACKWARDS, DORA_FORWARDS, DoraBackwardOperan
 from lora_rewrite.variants import Dims, DxMode, SiteFacts
 from lora_rewrite.passes.fx import dtype, shape
 from lora_rewrite.passes.kind import SiteKind
+from lora_rewrite.passes.kind_lora import lora_labels
 from lora_rewrite.passes.match_dora import is_dora_norm_product, match_dora_site, proves_dora
 from lora_rewrite.passes.rewrite import base_weight_io, dx_in_rows, matrix_2d, output_gradient_2d
 from lora_rewrite.passes.site import Site
@@ -79,8 +80,26 @@ def dora_roles(site: Site) -> tuple[dict, dict]:
     return {dora.magnitude: "m"}, ({dora.grad_m: "dm"} if dora.grad_m is not None and site.backward else {})
 
 
+def dora_labels(site: Site) -> dict:
+    """LoRA's labels of the adapter's products, with DoRA's sum, norm and magnitude gradient."""
+    dora, grads = site.extra, site.backward
+    labels = lora_labels(site)
+    labels[site.forward.out] = "Y = mns ⊙ (X·Wᵀ + s·(X·Aᵀ)·Bᵀ) + b"
+    norm, root, radicand, squares, merged = dora.nodes
+    labels.update({norm: "‖W′‖", root: "√", radicand: "Σ rows", squares: "W′ ⊙ W′", merged: "W′ = W + s·B·A",
+                   dora.mns: "mns = m / ‖W′‖"})
+    if grads is not None:
+        labels[grads.g] = "s·mns ⊙ dY"
+        if grads.dx_sum is not None:
+            labels[grads.dx_sum.base_mm] = "(mns ⊙ dY)·W"
+            labels[grads.dx_sum.lora_add] = "dX = (mns ⊙ dY)·W + Z1·A"
+    if dora.grad_m is not None:
+        labels[dora.grad_m] = "dm"
+    return labels
+
+
 def dora_nodes(site: Site) -> tuple:
-    return tuple(site.extra.nodes) + (site.extra.grad_m,)
+    return tuple(site.extra.nodes) + (site.extra.mns, site.extra.grad_m)
 
 
 DORA = SiteKind(
@@ -95,5 +114,6 @@ DORA = SiteKind(
     replacements=dora_replacements,
     roles=dora_roles,
     own_nodes=dora_nodes,
+    labels=dora_labels,
     part_of_a_site=is_dora_norm_product,
 )

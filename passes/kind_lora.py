@@ -218,6 +218,25 @@ def peft_lora_gemms(dims: Dims, facts: SiteFacts, trains: bool) -> list:
     return FORWARD1.gemms(dims) + (autograd_backward_gemms(dims) if trains else [])
 
 
+def lora_labels(site: Site) -> dict:
+    """The matched nodes, each as the equations at the top of this module name it (the site picture)."""
+    forward, grads = site.forward, site.backward
+    x = "drop(X)" if site.facts.dropout else "X"   # the adapter's input under PEFT's lora_dropout
+    labels = {forward.nodes[0]: f"{x}·Aᵀ", forward.nodes[1]: f"({x}·Aᵀ)·Bᵀ", forward.out: f"Y = base + s·({x}·Aᵀ)·Bᵀ"}
+    labels.update({n: f"s·({x}·Aᵀ)·Bᵀ" for n in forward.nodes[2:-1] if is_call(n, MUL)})
+    if grads is None:
+        return labels
+    labels.update({grads.g: "s·dY", grads.grad_b: f"dB = (s·dY)ᵀ·({x}·Aᵀ)", grads.z1: "Z1 = (s·dY)·B"})
+    if grads.grad_a is not None:
+        labels[grads.grad_a] = f"dA = Z1ᵀ·{x}"
+    if grads.grad_x_lora is not None:
+        labels[grads.grad_x_lora] = "Z1·A" if grads.dx_sum is not None else "dX = Z1·A"
+    if grads.dx_sum is not None:
+        labels[grads.dx_sum.base_mm] = "dY·W"
+        labels[grads.dx_sum.lora_add] = "dX = dY·W + Z1·A"
+    return labels
+
+
 def always(anchor: Node, backward: set[Node]) -> bool:
     return True
 
@@ -231,4 +250,5 @@ LORA = SiteKind(
     forward_operands=lora_forward_operands,
     backward_operands=lora_backward_operands,
     before_gemms=peft_lora_gemms,
+    labels=lora_labels,
 )

@@ -122,7 +122,7 @@ def adapter_gradients(anchor: Node, forward: ForwardChain, backward: set[Node],
         raise NoMatch("dA = (g·B)ᵀ·X was not found")
     if grad_a is not None and frozen_a:
         raise NoMatch("dA = (g·B)ᵀ·X is computed for an A taken to be frozen")
-    return Gradients(dy=dy, dy_shape_args2d=dy_shape_args2d, grad_a=grad_a, grad_b=grad_b,
+    return Gradients(dy=dy, dy_shape_args2d=dy_shape_args2d, g=g_source, z1=z1, grad_a=grad_a, grad_b=grad_b,
                      grad_x_lora=grad_x_lora, dx_sum=None,
                      nodes=tuple(n for n in (g_source, g, grad_b, z1, grad_a, grad_x_lora) if n is not None))
 

@@ -33,7 +33,7 @@ from lora_rewrite.containment import SiteHalfRewritten, Stage
 from lora_rewrite.forms import FormPlan
 from lora_rewrite.options import RunLoraOptions
 from lora_rewrite.variants import BackwardResult, DxMode, ForwardResult, Ops, Variant
-from lora_rewrite.passes.fx import (PERMUTE, RUNLORA_NODE, VIEWS, dtype, erase_unused, is_call, is_tangent,
+from lora_rewrite.passes.fx import (PERMUTE, ROLE_META, RUNLORA_NODE, VIEWS, dtype, erase_unused, is_call, is_tangent,
                                     made_by_runlora, prims, same_shape, shape)
 from lora_rewrite.passes.site import Site
 
@@ -88,6 +88,7 @@ class GraphOps(Ops):
         self._created_set: set[Node] = set()
         self._template: Node | None = None
         self._memo: dict = {}
+        self._roles: list = []   # the product roles (lora_rewrite/forms.py) being emitted, innermost last
 
     @contextlib.contextmanager
     def like(self, template: Node):
@@ -114,6 +115,8 @@ class GraphOps(Ops):
                     node.meta[k] = template.meta[k]
         node.meta["val"] = self._fake_value(target, args, kwargs)
         node.meta[RUNLORA_NODE] = True
+        if self._roles:   # which product of the variant it is part of: the site pictures' label
+            node.meta[ROLE_META] = self._roles[-1].name
         self._memo[key] = node
         return node
 
@@ -130,6 +133,13 @@ class GraphOps(Ops):
 
     def value(self, a):
         return a.meta["val"]
+
+    def pick(self, role, candidates):
+        self._roles.append(role)
+        try:
+            return super().pick(role, candidates)
+        finally:
+            self._roles.pop()
 
     def has_rows(self, a):
         """Certainly at least one row, for every value a symbolic size may take (an unbacked N may be 0)."""

@@ -78,6 +78,8 @@ class Gradients:
 
     dy: Node                     # unscaled dY, in the adapter's dtype
     dy_shape_args2d: Any         # view args of dY as [N,o] when the graph reshapes it; None when it is 2-D
+    g: Node                      # the gradient reaching B (s·dY for LoRA), before any view
+    z1: Node                     # z1 = g·B
     grad_a: Node | None          # dA = z1ᵀ·X; None where A needs no gradient (a kind with a frozen A)
     grad_b: Node                 # dB = gᵀ·xa
     grad_x_lora: Node | None     # dX_a = z1·A; None where X needs no gradient

@@ -53,11 +53,11 @@ def captured_sites(monkeypatch, tmp_path, model, x, **options):
     return drawn
 
 
-def main_labels(picture, site):
-    return {pictures.node_label(n, site.scale)[0] for n in picture.nodes.values()}
+def main_labels(picture) -> set[str]:
+    return {box.text()[0] for box in picture.boxes.values()}
 
 
-ATEN_NAME = re.compile(r"\b(mm|addmm|permute|view|mul|add|reshape|primals|tangents|clone)(_\w*)?\b")
+ATEN_NAME = re.compile(r"\b(mm|addmm|permute|view|mul|add|reshape|primals|tangents|clone|cat|slice)(_\w*)?\b")
 
 
 def test_site_pictures_label_roles_not_aten_names(monkeypatch, tmp_path):
@@ -65,23 +65,29 @@ def test_site_pictures_label_roles_not_aten_names(monkeypatch, tmp_path):
     ((module, site, before, after, kind),) = captured_sites(monkeypatch, tmp_path, peft_linear(16, 24, 4), x,
                                                             forward="forward2", backward="backward5")
     assert (site.forward, site.backward, kind) == ("forward2", "backward5", "joint")
-    as_traced = main_labels(before, site)
-    assert {"X", "W", "A", "B", "bias + X·Wᵀ", "dY", "X·Aᵀ", "Z1 = (s·dY)·B", "dA = Z1ᵀ·X", "dB = (s·dYᵀ)·(X·Aᵀ)",
-            "Y = bias + X·Wᵀ + s·((X·Aᵀ)·Bᵀ)", "dX = Z1·A + dY·W"} <= as_traced
-    rewritten = main_labels(after, site)
-    # The scale rides inside the products as alpha: no s·B box, and the beta = 0 addmm's unread first
-    # argument (a row of B) is neither drawn nor an edge into dB.
-    assert {"X", "W", "A", "B", "bias", "dY", "W′ = W + s·(B·A)", "Y = bias + X·W′ᵀ",
-            "Z1 = s·(dY·B)", "dA = Z1ᵀ·X", "dB = s·(dYᵀ·(X·Aᵀ))", "dX = dY·W′"} <= rewritten
-    assert "s·B" not in rewritten
-    label = {key: pictures.node_label(n, site.scale)[0] for key, n in after.nodes.items()}
+    as_traced = main_labels(before)
+    # before: each node as the matcher's record names it (passes/kind_lora.py, the site's equations)
+    assert {"X", "W", "A", "B", "base", "dY", "X·Aᵀ", "(X·Aᵀ)·Bᵀ", "s·dY", "Z1 = (s·dY)·B", "dA = Z1ᵀ·X",
+            "dB = (s·dY)ᵀ·(X·Aᵀ)", "Y = base + s·(X·Aᵀ)·Bᵀ", "dX = dY·W + Z1·A"} <= as_traced
+    # after: each product as the chosen variants' product lists name it (lora_rewrite/variants.py)
+    rewritten = main_labels(after)
+    assert rewritten == {"X", "W", "A", "B", "bias", "dY", "W + s·B·A", "Y = X·(W + s·B·A)ᵀ", "Z1 = dY·(s·B)",
+                         "Z2 = X·Aᵀ", "dA = Z1ᵀ·X", "dB = dYᵀ·Z2", "dX = dY·(W + s·B·A)"}, rewritten
+    from lora_rewrite.variants import BACKWARD5, FORWARD2, Dims
+
+    whats = {g.what for g in FORWARD2.gemms(Dims(128, 16, 24, 4)) + BACKWARD5.gemms(Dims(128, 16, 24, 4))}
+    for box in after.boxes.values():   # every product's label is its Gemm record's, with the result it is
+        if box.kind == "op":
+            assert box.label in whats, box.label
+    # the scale rides inside the products as alpha: no s·B box, and the beta = 0 addmm's unread first
+    # argument (a row of B) is neither drawn nor an edge into dB
+    label = {key: box.text()[0] for key, box in after.boxes.items()}
     into_grad_b = {label[src] for src, dst in after.edges if label[dst].startswith("dB")}
-    assert into_grad_b == {"dY", "X·Aᵀ"}, into_grad_b
-    for label in as_traced | rewritten:
-        assert not ATEN_NAME.search(label), label
-    roles = {n.kind for n in after.nodes.values() if n.kind != "op"}
-    assert roles == {"input", "parameter"}
-    assert {pictures.render(n.expr) for n in after.nodes.values() if n.kind == "parameter"} == {"W", "A", "B", "bias"}
+    assert into_grad_b == {"dY", "Z2 = X·Aᵀ"}, into_grad_b
+    for text in as_traced | rewritten:
+        assert not ATEN_NAME.search(text), text
+    assert {box.kind for box in after.boxes.values() if box.kind != "op"} == {"input", "parameter"}
+    assert {box.label for box in after.boxes.values() if box.kind == "parameter"} == {"W", "A", "B", "bias"}
 
 
 def test_site_picture_title_names_the_site_the_variants_and_the_cost(monkeypatch, tmp_path):
@@ -99,20 +105,22 @@ def test_inference_site_picture_has_no_backward(monkeypatch, tmp_path):
         ((module, site, before, after, kind),) = captured_sites(monkeypatch, tmp_path, peft_linear(16, 24, 4).eval(),
                                                                 torch.randn(2, 64, 16))
     assert kind == "inference" and "forward2 (inference: no backward)" in dump.site_title(module, site, "after", kind)
-    assert main_labels(after, site) == {"X", "W", "A", "B", "bias", "W′ = W + s·(B·A)", "Y = bias + X·W′ᵀ"}
+    assert main_labels(after) == {"X", "W", "A", "B", "bias", "W + s·B·A", "Y = X·(W + s·B·A)ᵀ"}
 
 
 def test_site_pictures_show_a_folded_and_a_transposed_product_by_role(monkeypatch, tmp_path):
-    """Z1 folded into the dX product: the picture shows dY·[W′ | s·B], and its two column slices as
-    dX = dY·W′ and Z1; dB transposed, (Z2ᵀ·dY)ᵀ, is still labelled dB."""
+    """Z1 folded into the dX product: the picture shows the product by its role's equation,
+    [dY·W | Z1] = dY·[W | s·B], and its two column slices by the blocks that equation names; dB transposed,
+    (Z2ᵀ·dY)ᵀ, is still dB by its product record (the shapes either way round)."""
     x = torch.randn(4, 32, 16, requires_grad=True)
     ((module, site, before, after, kind),) = captured_sites(
-        monkeypatch, tmp_path, peft_linear(16, 24, 4), x, forward="forward2", backward="backward5",
+        monkeypatch, tmp_path, peft_linear(16, 24, 4), x, forward="forward1", backward="backward1",
         forms={"Z1_in_dX": "folded", "dB": "transposed"})
-    labels = main_labels(after, site)
-    assert {"dY·[W′ | s·B]", "Z1 = dY·(s·B)", "dX = dY·W′", "dB = s·(dYᵀ·(X·Aᵀ))", "dA = Z1ᵀ·X"} <= labels
-    for label in labels:
-        assert not ATEN_NAME.search(label) and "cat_" not in label, label
+    labels = main_labels(after)
+    assert {"[dY·W | Z1] = dY·[W | s·B]", "Z1", "dY·W", "dX = dY·W + Z1·A", "dB = dYᵀ·Z2", "dA = Z1ᵀ·X",
+            "Y = base + (X·Aᵀ)·(s·B)ᵀ", "X·Aᵀ"} <= labels, labels
+    for text in labels:
+        assert not ATEN_NAME.search(text), text
 
 
 def test_site_picture_roles_are_the_matchers_record(monkeypatch, tmp_path):
@@ -121,11 +129,28 @@ def test_site_picture_roles_are_the_matchers_record(monkeypatch, tmp_path):
     x = torch.randn(4, 32, 16, requires_grad=True)
     ((module, site, before, after, kind),) = captured_sites(monkeypatch, tmp_path, peft_linear(16, 24, 4, dropout=0.1),
                                                             x, forward="forward1", backward="backward1")
-    assert set(before.roles.inputs.values()) == {"drop(X)", "X", "A", "B", "W", "bias", "dY"}
-    assert {"drop(X)", "dA = Z1ᵀ·drop(X)", "Y = bias + X·Wᵀ + s·((drop(X)·Aᵀ)·Bᵀ)"} <= main_labels(before, site)
-    assert "dA = Z1ᵀ·drop(X)" in main_labels(after, site)
+    assert set(before.roles.inputs.values()) == {"drop(X)", "X", "A", "B", "W", "bias", "base", "dY"}
+    assert {"drop(X)", "dA = Z1ᵀ·drop(X)", "Y = base + s·(drop(X)·Aᵀ)·Bᵀ"} <= main_labels(before)
+    assert {"dA = Z1ᵀ·drop(X)", "drop(X)·Aᵀ"} <= main_labels(after)   # forward1 and backward1 share X·Aᵀ
     for picture in (before, after):
-        assert sorted(n.result for n in picture.nodes.values() if n.result) == ["Y", "dA", "dB", "dX"]
+        assert sorted(box.result for box in picture.boxes.values() if box.result) == ["Y", "dA", "dB", "dX"]
+
+
+def test_a_dora_site_picture_names_the_magnitude_and_its_gradient(monkeypatch, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from helpers import OneLinear, randomize_adapters
+
+    torch.manual_seed(0)
+    model = get_peft_model(OneLinear(16, 24), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], use_dora=True))
+    randomize_adapters(model)
+    ((module, site, before, after, kind),) = captured_sites(monkeypatch, tmp_path, model,
+                                                            torch.randn(4, 32, 16, requires_grad=True))
+    assert site.kind == "dora"
+    assert {"m", "W′ = W + s·B·A", "mns = m / ‖W′‖", "dm"} <= main_labels(before) | {
+        box.result for box in before.boxes.values() if box.result}
+    assert "m" in {box.label for box in after.boxes.values() if box.kind == "parameter"}
+    assert sorted(box.result for box in after.boxes.values() if box.result) == ["Y", "dA", "dB", "dX", "dm"]
 
 
 class TwoLinears(torch.nn.Module):
@@ -150,35 +175,23 @@ def test_site_picture_names_an_output_gradient_that_is_not_a_tangent(monkeypatch
                            forward="forward2", backward="backward5")
     ((site, before, after),) = [(site, before, after) for module, site, before, after, _ in drawn
                                 if module.endswith(".first")]
-    assert {"dY", "Z1 = (s·dY)·B", "dX = Z1·A + dY·W"} <= main_labels(before, site)
-    assert {"dY", "Z1 = s·(dY·B)", "dX = dY·W′"} <= main_labels(after, site)
-
-
-def _crosses(xs, ys, box, samples=60) -> bool:
-    x, y, w, h = box
-    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
-        for k in range(samples + 1):
-            px, py = x0 + (x1 - x0) * k / samples, y0 + (y1 - y0) * k / samples
-            if abs(px - x) < w / 2 - 1e-6 and abs(py - y) < h / 2 - 1e-6:
-                return True
-    return False
+    assert {"dY", "Z1 = (s·dY)·B", "dX = dY·W + Z1·A"} <= main_labels(before)
+    assert {"dY", "Z1 = dY·(s·B)", "dX = dY·(W + s·B·A)"} <= main_labels(after)
 
 
 @pytest.mark.parametrize("forward,backward", [("forward1", "backward1"), ("forward2", "backward5"),
                                               ("forward1", "backward3")])
-def test_pictures_run_left_to_right_and_no_edge_crosses_a_node(monkeypatch, tmp_path, forward, backward):
+def test_pictures_run_left_to_right_in_networkx_layers(monkeypatch, tmp_path, forward, backward):
     x = torch.randn(4, 32, 16, requires_grad=True)
     ((module, site, before, after, kind),) = captured_sites(monkeypatch, tmp_path, peft_linear(16, 24, 4), x,
                                                             forward=forward, backward=backward)
     for picture in (before, after):
-        labels = {k: pictures.node_label(n, site.scale) for k, n in picture.nodes.items()}
-        geo = pictures.geometry(picture, labels)
-        assert len(geo.edges) == len(picture.edges) >= 8
-        for (u, v), (xs, ys) in geo.edges.items():
-            assert all(a <= b + 1e-9 for a, b in zip(xs, xs[1:])), (u, v)    # left to right
-            for k, box in geo.boxes.items():
-                if k not in (u, v):
-                    assert not _crosses(xs, ys, box), f"edge {u} → {v} crosses {k}"
+        positions = pictures.layout(picture)
+        assert positions.keys() == picture.boxes.keys() and len(picture.edges) >= 8
+        for u, v in picture.edges:   # every edge runs left to right, one layer or more
+            assert positions[u][0] < positions[v][0] - 1e-9, (picture.boxes[u].label, picture.boxes[v].label)
+        stems = pictures.draw(picture, tmp_path / f"{forward}_{backward}", stage="after", title="t")
+        assert [p.suffix for p in stems] == [".png", ".svg"] and stems[0].read_bytes()[:4] == b"\x89PNG"
 
 
 # --- debug output never breaks training --------------------------------------------------------------------
