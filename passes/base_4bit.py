@@ -51,12 +51,11 @@ UNDER_AUTOCAST = ("on a 4-bit base (bitsandbytes) DoRA is rewritten where the ba
 
 @dataclass(frozen=True)
 class QuantizedBase:
-    """base = gemm_4bit(X_b, packed W): the product, its input, its packed weight, PEFT's clone of it."""
+    """base = gemm_4bit(X_b, packed W): the product (read through PEFT's clone of it), its input, its packed weight."""
 
     node: Node           # bitsandbytes::gemm_4bit, or the cast of it back to its input's dtype
     x: Node              # X_b, the adapter's own input (maybe another view of it)
     packed: Node         # the packed 4-bit weight
-    clone: Node | None   # PEFT's defensive clone of the product, when there is one
 
     name = "4-bit (bitsandbytes)"
     reused = True
@@ -149,13 +148,13 @@ def quantized_base(base: Any) -> QuantizedBase | None:
     gemm = _bnb_op("gemm_4bit")
     if gemm is None or not isinstance(base, Node):
         return None
-    node, clone = base, None
+    node = base
     if is_call(node, aten.clone.default) and not node.kwargs.get("memory_format"):
-        clone, node = node, node.args[0]
+        node = node.args[0]   # PEFT's defensive clone: a copy of a value nothing writes
     product = strip_casts(node)   # bitsandbytes casts the result back to its input's dtype
     if not is_call(product, gemm):
         return None
-    return QuantizedBase(node=node, x=product.args[0], packed=product.args[1], clone=clone)
+    return QuantizedBase(node=node, x=product.args[0], packed=product.args[1])
 
 
 def dequantized_weight(q: QuantizedBase, o, i) -> Node | None:
