@@ -116,6 +116,13 @@ def strip_casts(node: Any) -> Any:
     return node
 
 
+def weight_source(node: Any) -> Any:
+    """The parameter (or node) a weight is read from, under the transposes, views and casts between."""
+    while is_call(node, *WEIGHT_OPS):
+        node = node.args[0]
+    return node
+
+
 def strip_views(node: Any) -> Any:
     """The node under a chain of views and transposes."""
     while is_call(node, *VIEWS_AND_TRANSPOSES):
@@ -234,8 +241,7 @@ def matmul_operands(node: Any) -> tuple[Node, Node] | None:
 def is_weight(node: Any) -> bool:
     """A parameter as the graph reads it (through transposes, views and casts), or a merged weight
     W + s·B·A that runlora itself built for another adapter on the same layer."""
-    while is_call(node, *WEIGHT_OPS):
-        node = node.args[0]
+    node = weight_source(node)
     return isinstance(node, Node) and (node.op == "placeholder" or made_by_runlora(node))
 
 

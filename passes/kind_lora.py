@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import torch
 from torch.fx import Node
 
 from lora_rewrite.variants import (BACKWARDS, FORWARD1, FORWARDS, BackwardOperands, Dims, DxMode, ForwardOperands,

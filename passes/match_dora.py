@@ -34,8 +34,8 @@ from lora_rewrite.variants import Dims, SiteFacts
 from lora_rewrite.passes import poly
 from lora_rewrite.passes.bases import base_of_atom
 from lora_rewrite.passes.fx import (CASTS, MM, MUL, VIEWS, depends_on, dtype, is_call, same_rows, same_shape,
-                                    same_size, same_value, shape, strip_casts, strip_layout, strip_views,
-                                    transpose_source)
+                                    same_size, same_value, shape, strip_casts, strip_layout,
+                                    transpose_source, weight_source)
 from lora_rewrite.passes.match_adapter import (adapter_gradients, find_dropout, match_adapter_product, n_arg_of,
                                                read_anchor)
 from lora_rewrite.passes.match_dora_dtypes import HALF, adapter_reads_base_input, check_dtypes, check_narrowed
@@ -80,7 +80,7 @@ def proves_dora(anchor: Node, backward: set[Node]) -> bool:
     xab = next((u for u in anchor.users if u not in backward and is_call(u, MM)), None)
     if xab is None:
         return False
-    adapter = {strip_weight(transpose_source(anchor.args[1])), strip_weight(transpose_source(xab.args[1]))}
+    adapter = {weight_source(transpose_source(anchor.args[1])), weight_source(transpose_source(xab.args[1]))}
     node = xab
     for _ in range(SUM_SEARCH_DEPTH):
         node = forward_user(node, backward)
@@ -94,13 +94,6 @@ def proves_dora(anchor: Node, backward: set[Node]) -> bool:
                     and depends_on([scale.args[1]], adapter):
                 return True
     return False
-
-
-def strip_weight(node: Any) -> Any:
-    """A parameter under the views, transposes and casts the graph reads it through."""
-    while is_call(node, *CASTS) or is_call(node, aten.permute.default, aten.t.default, aten.transpose.int, *VIEWS):
-        node = node.args[0]
-    return node
 
 
 def match_dora_site(anchor: Node, backward: set[Node], options: Any, kind: Any) -> Site:

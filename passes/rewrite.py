@@ -14,8 +14,11 @@ What is replaced, per site (see passes/site.py for the names):
                         summand leaves the sum (the sum's value is unchanged)
     dX (DxMode.LORA)  ← the adapter's dX_a = z1·A
 
-`rewrite_site` returns a `RewrittenSite`: what was emitted, with the products later passes reuse
-(`SiteProducts`: passes/fuse.py fuses siblings' X·Aᵀ and dA = Z1ᵀ·X through it).
+and whatever the site's kind replaces besides (`SiteKind.replacements`: DoRA's mns and dm). What the
+variants read is the kind's to build (`SiteKind.forward_operands`, `backward_operands`: passes/kind_lora.py,
+passes/kind_dora.py); everything else here is the same for every kind. `rewrite_site` returns a
+`RewrittenSite`: what was emitted, with the products later passes reuse (`SiteProducts`: passes/fuse.py fuses
+siblings' X·Aᵀ and dA = Z1ᵀ·X through it).
 """
 
 from __future__ import annotations

@@ -9,11 +9,10 @@ from helpers import assert_close_to, randomize_adapters, step
 from lora_rewrite import debug
 from lora_rewrite.forms import GRAD_B, Z2, product
 from lora_rewrite.passes import kinds
-from lora_rewrite.passes.fx import is_call, transpose_source
+from lora_rewrite.passes.fx import is_call, transpose_source, weight_source
 from lora_rewrite.passes.kind import SiteKind
 from lora_rewrite.passes.kind_lora import (lora_backward_operands, lora_facts, lora_forward_operands,
                                            match_forward, match_lora_backward, peft_lora_gemms)
-from lora_rewrite.passes.match_dora import strip_weight
 from lora_rewrite.passes.provenance import provenance_of
 from lora_rewrite.passes.site import NoMatch, Site
 from lora_rewrite.variants import FORWARDS, BackwardResult, Dims, DxMode, Gemm, Variant, always_legal
@@ -134,7 +133,7 @@ def a_is_frozen(anchor, backward) -> bool:
     graph = anchor.graph
     primals = [n for n in graph.nodes if n.op == "placeholder" and "tangents" not in n.name]
     (outputs,) = graph.output_node().args
-    a = strip_weight(transpose_source(anchor.args[1]))
+    a = weight_source(transpose_source(anchor.args[1]))
     return bool(backward) and a in primals and outputs[len(outputs) - len(primals) + primals.index(a)] is None
 
 
@@ -196,7 +195,7 @@ def test_without_the_kind_plain_lora_rewrites_only_the_forward_of_a_frozen_a(lor
 
 def test_a_frozen_a_matcher_refuses_a_graph_with_da():
     """The kind's matcher establishes what it claims: a trained A has a dA, which a frozen-A site must not have."""
-    from helpers import joint_graph, peft_linear  # noqa: F401
+    from helpers import joint_graph
     import torch.nn.functional as F
 
     from lora_rewrite.passes.match import match_graph
