@@ -1,13 +1,6 @@
-"""What the matcher produces: one `Site` per PEFT LoRA chain it understands, built from the forward
-chain it matched and, when the graph has them, the gradients autograd derived from it.
-
-    forward                                   backward (dY: gradient of Y)
-    xa   = mm(X, Aᵀ)            [N,r]         g    = s·dY                 [N,o]
-    xab  = mm(xa, Bᵀ)           [N,o]         dB   = mm(gᵀ, xa)           [o,r]
-    term = s·view(xab)                        z1   = mm(g, B)             [N,r]
-    out  = base + term                        dA   = mm(z1ᵀ, X)           [r,i]
-                                              dX_a = mm(z1, A)            [N,i]   (if X needs a gradient)
-                                              dX   = … + view(dX_a) + view(mm(dY, W)) + …
+"""What a kind's matcher produces: one `Site` per adapter chain it understands, built from the forward chain
+it matched and, when the graph has them, the gradients autograd derived from it — node by node as the
+equations of plain LoRA name them (passes/kind_lora.py), plus the kind's own record (`Site.extra`).
 
 Every record is frozen: a site is matched once, completely, and never patched afterwards.
 """
