@@ -1,4 +1,6 @@
-"""Traceable stand-ins for the PEFT functions that break every DoRA layer's graph.
+"""Traceable stand-ins for the library calls that break the graph around PEFT's layers: PEFT's own, which break
+every DoRA layer's graph, and Hugging Face kernels', which under gradient checkpointing kept every checkpointed
+layer of a transformers ≥ 5.25 model out of the graph (below).
 
 `DoraLinearLayer.forward` (peft/tuners/lora/dora.py) calls `dequantize_module_weight`
 (peft/utils/integrations.py) every step. For a plain weight that function returns the weight, but on
@@ -26,6 +28,17 @@ PEFT's cache decorator runs on every training forward, empties a dict — a muta
 a checkpointed region, so every checkpointed DoRA layer ran eagerly, for every backend. A method of an
 nn.Module is inlined by Dynamo without consulting `substitute_in_graph`, so this one stand-in is set on
 PEFT's class itself (`METHOD_STAND_INS`); outside torch.compile it calls PEFT's method, exactly as before.
+
+transformers 5.25 depends on Hugging Face `kernels` (0.19), whose `use_kernelized_func` wraps the forward of
+layers such as Llama's attention (`apply_rotary_pos_emb`): each call sets, then resets, a module-level
+`CompileableContextVar` (kernels/_internals/layer/layer.py) naming the model's kernel functions. Under
+torch.compile that is a mutation of a global object, which Dynamo refuses inside a checkpointed region
+("Mutating a variable from outside the scope of this HOP"): every checkpointed decoder layer ran eagerly, for
+every backend, and runlora found no site. Where every function it names runs its default forward (no hub
+kernel was selected by `kernelize()`), reading the variable or not makes no difference to what runs: the
+function falls back to the original either way. There the stand-ins of its `set` and `reset` (set on kernels'
+class, as for PEFT's method) record nothing while Dynamo traces; a hub kernel selected, or any call outside
+torch.compile, goes to kernels' own methods.
 """
 
 from __future__ import annotations
@@ -138,6 +151,49 @@ def is_pefts_cache_clear(method) -> bool:
     return code is not None and set(code.co_names) == {"_dora_cache", "clear"}
 
 
+class _NotSet:
+    """The token of a `set` the stand-in did not record: its `reset` records nothing either."""
+
+
+NOT_SET = _NotSet()
+
+
+def runs_default_forwards(value) -> bool:
+    """kernels' value of `_ACTIVE_KERNEL_FUNCS`: {id: (the model's kernel function module, the forward it runs)};
+    True where every one runs its class's own forward (no hub kernel selected), which falls back to the
+    original function whether the variable is read or not."""
+    return isinstance(value, dict) and all(
+        isinstance(entry, tuple) and len(entry) == 2 and entry[1] is type(entry[0]).forward
+        for entry in value.values())
+
+
+def make_context_set_stand_in(original):
+    def set(self, value):   # noqa: A001 (kernels' method name)
+        if torch.compiler.is_compiling() and runs_default_forwards(value):
+            return NOT_SET
+        return original(self, value)
+
+    set.runlora_stand_in_for = original
+    return set
+
+
+def make_context_reset_stand_in(original):
+    def reset(self, token):
+        if token is NOT_SET:
+            return None
+        return original(self, token)
+
+    reset.runlora_stand_in_for = original
+    return reset
+
+
+def is_kernels_context_var_method(method) -> bool:
+    """kernels' `CompileableContextVar.set` / `reset` as the stand-ins know them: a context variable and a
+    global one behind `uses_global_var`. A kernels that changed them keeps its own methods."""
+    code = getattr(method, "__code__", None)
+    return code is not None and {"uses_global_var", "global_var", "context_var"} <= set(code.co_names)
+
+
 # (module, function, the stand-in's maker): PEFT's functions that Dynamo cannot trace in a DoRA layer.
 STAND_INS = (("peft.utils.integrations", "dequantize_module_weight", make_stand_in),
              ("peft.utils.other", "transpose", make_transpose_stand_in))
@@ -145,18 +201,22 @@ STAND_INS = (("peft.utils.integrations", "dequantize_module_weight", make_stand_
 # (module, class, method, guard on PEFT's method, the stand-in's maker): methods Dynamo cannot trace
 # inside a checkpointed region, set on PEFT's class because Dynamo inlines methods as they are.
 METHOD_STAND_INS = (("peft.tuners.lora.dora", "DoraLinearLayer", "_cache_clear", is_pefts_cache_clear,
-                     make_cache_clear_stand_in),)
+                     make_cache_clear_stand_in),
+                    ("kernels._internals.layer.layer", "CompileableContextVar", "set", is_kernels_context_var_method,
+                     make_context_set_stand_in),
+                    ("kernels._internals.layer.layer", "CompileableContextVar", "reset",
+                     is_kernels_context_var_method, make_context_reset_stand_in))
 
 
 def install() -> bool:
-    """Register each stand-in once its PEFT module is imported: now for those imported already, right
-    after the import for the others (peft is never imported for this: it costs seconds). True when
-    every stand-in is registered."""
+    """Register each stand-in once its module is imported: now for those imported already, right after the
+    import for the others (peft is never imported for this: it costs seconds). True when every stand-in of
+    an installed library is registered."""
     pending = []
     for module_name, name, make in STAND_INS:
         module = sys.modules.get(module_name)
         if module is None:
-            pending.append(module_name)
+            pending += [module_name] if _installed_library(module_name) else []
             continue
         original = getattr(module, name, None)
         if original is None or original in _installed:   # a peft without it: nothing of it breaks the graph
@@ -169,7 +229,7 @@ def install() -> bool:
     for module_name, class_name, name, is_pefts, make in METHOD_STAND_INS:
         module = sys.modules.get(module_name)
         if module is None:
-            pending.append(module_name)
+            pending += [module_name] if _installed_library(module_name) else []
             continue
         cls = getattr(module, class_name, None)
         original = cls.__dict__.get(name) if cls is not None else None
@@ -177,9 +237,20 @@ def install() -> bool:
             continue
         setattr(cls, name, make(original))
         _installed.append(original)
-    for module_name in pending:
+    for module_name in dict.fromkeys(pending):
         _register_after_import(module_name)
     return not pending
+
+
+def _installed_library(module_name: str) -> bool:
+    """Is the library the module belongs to installed (so that it may be imported later)? kernels comes with
+    transformers 5.25 and later only: where it is not installed, nothing of it can break a graph."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module_name.split(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 class _PeftFinder:

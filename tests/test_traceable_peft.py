@@ -141,12 +141,22 @@ def test_the_stand_ins_are_registered_once_and_peft_modules_are_untouched():
 
     from peft.tuners.lora.dora import DoraLinearLayer
 
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("kernels") is not None:   # transformers 5.25 and later bring it
+        import kernels._internals.layer.layer  # noqa: F401
     assert traceable_peft.install() is True and traceable_peft.install() is True
     pefts_cache_clear = DoraLinearLayer._cache_clear.runlora_stand_in_for
     assert traceable_peft.is_pefts_cache_clear(pefts_cache_clear)
-    assert len(traceable_peft._installed) == 3   # PEFT's own, each once
-    assert set(traceable_peft._installed) == {integrations.dequantize_module_weight, other.transpose,
-                                              pefts_cache_clear}
+    pefts = {integrations.dequantize_module_weight, other.transpose, pefts_cache_clear}
+    kernels = set()
+    if "kernels._internals.layer.layer" in sys.modules:
+        context_var = sys.modules["kernels._internals.layer.layer"].CompileableContextVar
+        kernels = {context_var.set.runlora_stand_in_for, context_var.reset.runlora_stand_in_for}
+        assert all(traceable_peft.is_kernels_context_var_method(m) for m in kernels)
+    assert len(traceable_peft._installed) == len(pefts) + len(kernels)   # each once
+    assert set(traceable_peft._installed) == pefts | kernels
 
 
 @pytest.mark.parametrize("kind", ["parameter", "tensor", "no fan_in_fan_out"])
@@ -283,3 +293,48 @@ def test_a_changed_cache_clear_is_left_as_it_is():
 
     assert not traceable_peft.is_pefts_cache_clear(_cache_clear)
     assert traceable_peft.is_pefts_cache_clear(_pefts)
+
+
+def test_kernels_context_variable_records_nothing_while_traced_where_no_hub_kernel_is_selected():
+    """transformers ≥ 5.25's kernels wraps attention forwards in a set/reset of a global variable, which Dynamo
+    refuses inside a checkpointed region. The stand-ins record nothing while traced where every function runs
+    its default forward (reading the variable changes nothing there); a selected hub kernel, and every call
+    outside torch.compile, goes to kernels' methods. (With kernels installed the gradient checkpointing tests
+    of tests/models/ run the real ones.)"""
+    class Func(nn.Module):
+        def forward(self, x):
+            return x
+
+    default, selected = (Func(), Func.forward), (Func(), lambda self, x: x)   # a hub kernel's forward
+    assert traceable_peft.runs_default_forwards({1: default})
+    assert not traceable_peft.runs_default_forwards({1: default, 2: selected})
+    assert not traceable_peft.runs_default_forwards(None)
+
+    recorded = []
+
+    class ContextVar:   # kernels' CompileableContextVar, reduced to what the stand-ins call
+        def set(self, value):
+            recorded.append("set")
+            return "token"
+
+        def reset(self, token):
+            recorded.append(f"reset {token}")
+
+    var = ContextVar()
+    set_ = traceable_peft.make_context_set_stand_in(ContextVar.set)
+    reset_ = traceable_peft.make_context_reset_stand_in(ContextVar.reset)
+
+    def step(x, value):
+        token = set_(var, value)
+        try:
+            return x + 1
+        finally:
+            reset_(var, token)
+
+    compiled = torch.compile(step, backend="eager")
+    compiled(torch.ones(2), {1: default})
+    assert recorded == []
+    compiled(torch.ones(2), {1: default, 2: selected})
+    assert recorded == ["set", "reset token"]
+    step(torch.ones(2), {1: default})
+    assert recorded == ["set", "reset token"] * 2
