@@ -388,9 +388,17 @@ def runlora_summary(counters: dict | None) -> str:
     if counters.get("sites_failed") or counters.get("graphs_failed"):
         failed = (f"; {counters.get('sites_failed', 0)} site(s) left as stock Inductor compiles them after a "
                   f"failure inside runlora, {counters.get('graphs_failed', 0)} whole graph(s) (see the warnings)")
-    return (f"runlora: rewrote {counters.get('sites_rewritten', 0)} of {counters.get('sites_found', 0)} LoRA "
-            f"sites in {graphs} graph(s) (backward rewritten at {counters.get('backward_rewritten', 0)}); "
-            f"chose {chosen or 'nothing'}{served}{failed}")
+    summary = (f"runlora: rewrote {counters.get('sites_rewritten', 0)} of {counters.get('sites_found', 0)} LoRA "
+               f"sites in {graphs} graph(s) (backward rewritten at {counters.get('backward_rewritten', 0)}); "
+               f"chose {chosen or 'nothing'}{served}{failed}")
+    from lora_rewrite import compat
+    from lora_rewrite.explain import graph_break_summary
+
+    breaks = graph_break_summary(dict(compat.dynamo_counters()["graph_break"]))
+    if breaks:   # a LoRA layer in a function Dynamo skipped is in no graph: where, lora_rewrite.explain says
+        summary += ("\nDynamo broke the graph (a LoRA layer in a function it skips is in no graph; "
+                    "lora_rewrite.explain(model, batch) says where):\n  " + "\n  ".join(breaks))
+    return summary
 
 
 def main(argv=None) -> int:

@@ -238,6 +238,38 @@ def frame_compile_number() -> int | None:
     return number if isinstance(number, int) else None
 
 
+@contextlib.contextmanager
+def recorded_graph_breaks() -> Iterator[list[str]]:
+    """Every graph break Dynamo meets in the block, as it logs it: "Graph break in user code at FILE:LINE",
+    "Graph Break Reason: …", "User code traceback: …". Dynamo writes that to its `graph_breaks` log artifact
+    (TORCH_LOGS="graph_breaks") only when the artifact is on; the block turns it on for itself, keeps the
+    records from every other handler, and leaves the logger as it found it (2.11-2.15: the artifact logger
+    of torch/_dynamo/symbolic_convert.py)."""
+    import logging
+
+    from torch._dynamo import symbolic_convert
+
+    logger = symbolic_convert.graph_break_log
+    records: list[str] = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Recorder(logging.DEBUG)
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    if not logger.isEnabledFor(logging.DEBUG):   # on only for this block: nothing else sees its records
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
 def dynamo_counters():
     from torch._dynamo.utils import counters
 

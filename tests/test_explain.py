@@ -186,3 +186,153 @@ def test_explain_warns_about_nothing_it_asked_for():
         for _ in range(2):
             explain(model, torch.randn(2, 3, 16), options={"codegen": False})
     assert [str(w.message) for w in caught if "dynamo_pgo" in str(w.message)] == []
+
+
+# --- LoRA layers that never reached runlora: the graph breaks that kept them out --------------------------------
+
+class _Flag:
+    value = None
+
+
+FLAG = _Flag()
+
+
+class MutatingBlock(torch.nn.Module):
+    """A layer whose forward changes a global object: a side effect Dynamo refuses inside a checkpointed region
+    (transformers ≥ 5.25's kernels did one in every attention layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        FLAG.value = 1
+        return self.proj(x)
+
+
+class Checkpointed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = MutatingBlock()
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+
+
+def peft_on(module):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    return get_peft_model(module, LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+
+
+def test_a_layer_a_skipped_checkpoint_kept_out_is_named_with_the_break_and_its_fix():
+    report = explain(peft_on(Checkpointed()), torch.randn(2, 3, 16, requires_grad=True), options={"codegen": False})
+    assert report.sites == []
+    (layer,) = report.untouched
+    assert layer.module == "base_model.model.block.proj"
+    assert "Dynamo broke the graph" in layer.reason and "known fix" in layer.reason
+    (side_effect,) = [b for b in report.graph_breaks if "side effect" in b.reason.lower()]
+    assert side_effect.where.endswith(f"test_explain.py:{Checkpointed.forward.__code__.co_firstlineno + 1}")
+    assert "skip_fwd_side_effects_in_bwd_under_checkpoint" in side_effect.fix
+    text = str(report)
+    assert "Dynamo broke the graph in" in text and side_effect.line() in text
+    assert report.to_dict()["graph_breaks"][0].keys() == {"where", "reason", "fix"}
+
+
+class LoggingBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        import logging
+
+        logging.getLogger("a user's model").warning("a warning in the forward")
+        return self.proj(x)
+
+
+def test_a_break_dynamo_resumes_after_is_listed_and_the_layer_is_still_rewritten():
+    """A logging call breaks the graph, Dynamo resumes after it: the LoRA layer is in the next graph, rewritten;
+    the break is listed with its known fix all the same."""
+    report = explain(peft_on(LoggingBlock()), torch.randn(2, 3, 16, requires_grad=True), options={"codegen": False})
+    assert [s.module for s in report.sites] == ["base_model.model.proj"] and report.untouched == []
+    line = LoggingBlock.forward.__code__.co_firstlineno + 3
+    (logging_break,) = [b for b in report.graph_breaks if b.where.endswith(f"test_explain.py:{line}")]
+    assert "logging.Logger" in logging_break.reason and "ignore_logging_functions" in logging_break.fix
+
+
+def test_a_break_inside_the_adapter_splits_its_products_and_is_named_where_it_happened():
+    """A user's hook that breaks the graph between A and B: X·Aᵀ and (X·Aᵀ)·Bᵀ are in two graphs, no site holds
+    the chain; the layer is listed untouched, the break where the hook called it (no known fix: it is the user's)."""
+    from helpers import OneLinear
+
+    model = peft_on(OneLinear(16, 16))
+    lora_a = model.base_model.model.proj.lora_A["default"]
+
+    def break_here(module, inputs, output):
+        torch._dynamo.graph_break()
+        return output
+
+    lora_a.register_forward_hook(break_here)
+    report = explain(model, torch.randn(2, 3, 16, requires_grad=True), options={"codegen": False})
+    assert report.sites == []
+    (layer,) = report.untouched
+    assert layer.module == "base_model.model.proj" and "Dynamo broke the graph" in layer.reason
+    (user_break,) = [b for b in report.graph_breaks if b.where.endswith(
+        f"test_explain.py:{break_here.__code__.co_firstlineno + 1}")]
+    assert user_break.fix is None
+
+
+def test_no_graph_break_no_break_listed():
+    report = explain(peft_linear(16, 24, 4), torch.randn(2, 3, 16, requires_grad=True), options={"codegen": False})
+    assert len(report.sites) == 1 and report.graph_breaks == [] and "Dynamo broke" not in str(report)
+
+
+def test_the_debug_log_and_the_run_summary_name_the_graph_breaks_with_their_fixes(caplog, monkeypatch):
+    """Outside explain() the breaks' places are not known, their reasons are (Dynamo's counters): with debug on,
+    each report is followed by the breaks Dynamo met since the last one, and the main job's summary lists them."""
+    import importlib.util
+    import logging
+    from pathlib import Path
+
+    torch._dynamo.utils.counters.clear()
+    model = peft_on(LoggingBlock())
+    with caplog.at_level(logging.INFO, logger="lora_rewrite"):
+        compiled = torch.compile(model, backend="runlora", options={"codegen": False, "debug": True})
+        compiled(torch.randn(2, 3, 16, requires_grad=True)).sum().backward()
+    (logged,) = [r.getMessage() for r in caplog.records if "Dynamo broke the graph before this report" in r.getMessage()]
+    assert "logging.Logger method not supported" in logged and "ignore_logging_functions" in logged
+    import sys
+
+    spec = importlib.util.spec_from_file_location("finetune_example", Path(__file__).parents[1] / "examples" /
+                                                  "finetune.py")
+    example = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, example)   # its dataclasses look their module up there
+    spec.loader.exec_module(example)
+    summary = example.runlora_summary(dict(torch._dynamo.utils.counters["runlora"]))
+    assert summary.startswith("runlora: rewrote 1 of 1 LoRA sites")
+    assert "Dynamo broke the graph" in summary and "ignore_logging_functions" in summary
+
+
+@pytest.mark.parametrize("reason,fix_says", [
+    ("HOP: Non-nullified side effect\\n  Explanation: Attribute 'value' on an outer-scope object was changed",
+     "skip_fwd_side_effects_in_bwd_under_checkpoint"),
+    ("Mutating a variable from outside the scope of this HOP is not supported. Attempted to mutate "
+     "UserDefinedObjectVariable(CompileableContextVar)", "kernels"),
+    ("Unsupported: ... peft/utils/integrations.py dequantize_module_weight ... torchao", "stand-in"),
+    ("torch._dynamo hit config.recompile_limit (8)", "recompile_limit"),
+    ("logging.Logger method not supported for non-export cases", "ignore_logging_functions"),
+    ("Missing tp_iternext: Dynamo does not support next() on dict_itemiterator", "PeftModel.forward"),
+    ("Unsupported Tensor.requires_grad_() call", "enable_input_require_grads"),
+])
+def test_each_known_cause_has_its_fix(reason, fix_says):
+    from lora_rewrite.explain import known_fix
+
+    assert fix_says in known_fix(reason)
+
+
+def test_an_unknown_cause_has_no_fix():
+    from lora_rewrite.explain import known_fix
+
+    assert known_fix("Call to a C extension Dynamo cannot trace") is None
