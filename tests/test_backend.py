@@ -218,3 +218,35 @@ def test_mode_reaches_inductor():
     with torch._inductor.config.patch(joint_custom_post_pass=Probe()):
         step(torch.compile(model, backend=backend), torch.randn(2, 3, 16, requires_grad=True))
     assert seen == {"max_autotune": True} and runlora_counters()["sites_rewritten"] == 1
+
+
+def test_compiled_autograd_runs_the_rewritten_backward_with_eager_s_gradients():
+    """Compiled autograd (torch._dynamo.config.compiled_autograd, which FSDP2 users turn on) traces the backward
+    at run time, around the compiled forward's own backward: the site is rewritten forward and backward, and a
+    training step's output and gradients (X's, A's, B's) equal eager PEFT's."""
+    from lora_rewrite import debug
+
+    model = peft_linear(16, 24, 4)
+    x = torch.randn(4, 8, 16, requires_grad=True)
+    eager = step(model, x)
+
+    def train_step(x):
+        y = model(x)
+        y.square().sum().backward()
+        return y.detach()
+
+    torch._dynamo.utils.counters.clear()
+    with torch._dynamo.config.patch(compiled_autograd=True), debug.collect_reports() as reports:
+        compiled = torch.compile(train_step, backend="runlora", options={"codegen": False})
+        for p in model.parameters():
+            p.grad = None
+        leaf = x.detach().clone().requires_grad_()
+        y = compiled(leaf)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert_close_to(eager[0], y, rtol=1e-5, what="Y")
+    assert_close_to(eager[1], leaf.grad, rtol=1e-5, what="dX")
+    assert grads.keys() == eager[2].keys() and len(grads) == 2
+    for name in grads:
+        assert_close_to(eager[2][name], grads[name], rtol=1e-5, what=name)
+    assert torch._dynamo.utils.counters["compiled_autograd"]["captures"] == 1
+    assert [(s.forward, s.backward) for r in reports for s in r.sites] == [("forward2", "backward5")]
