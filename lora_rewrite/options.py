@@ -27,6 +27,11 @@ Keys (all optional):
 Any other key that names an Inductor config entry is passed to Inductor as stock torch.compile
 would; anything else is a ValueError that lists the valid keys.
 
+Where `options` cannot be passed (Hugging Face Trainer), environment variables set them (`ENVIRONMENT`):
+RUNLORA_REWRITE=0 (compile exactly like stock Inductor), RUNLORA_CRITERION, RUNLORA_FORMS ("measured" |
+"direct"), RUNLORA_DUMP_DIR, RUNLORA_DEBUG, RUNLORA_STRICT. An option passed explicitly wins; a bad value
+is a ValueError naming the valid ones.
+
 A forced variant that is illegal at a site (forward2 under dropout, say) is not applied there: the
 site falls back to the criterion's choice and the report says so. Correctness first.
 """
@@ -48,6 +53,14 @@ FORMS_CHOICES = (FORMS_MEASURED, FORMS_DIRECT)
 ENV_DEBUG = "RUNLORA_DEBUG"
 ENV_DUMP_DIR = "RUNLORA_DUMP_DIR"
 ENV_STRICT = "RUNLORA_STRICT"
+# The options a user who cannot pass `options` (Hugging Face Trainer: `torch_compile_backend="runlora"` only)
+# reaches through the environment. An option passed explicitly wins over its variable.
+ENV_REWRITE = "RUNLORA_REWRITE"
+ENV_CRITERION = "RUNLORA_CRITERION"
+ENV_FORMS = "RUNLORA_FORMS"
+ENVIRONMENT = {"rewrite": ENV_REWRITE, "criterion": ENV_CRITERION, "forms": ENV_FORMS, "debug": ENV_DEBUG,
+               "strict": ENV_STRICT, "dump_dir": ENV_DUMP_DIR}
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 # The behaviours of the pass that option `disable` turns off, each with what it does. Every one is on by
 # default; turning one off keeps every rewrite correct (each is a choice between equal values), it only
@@ -66,6 +79,26 @@ BEHAVIOURS: dict[str, str] = {
 
 def _truthy_env(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _env_switch(name: str) -> bool | None:
+    """An on/off variable: None where it is unset, else True or False; any other value a ValueError."""
+    value = os.environ.get(name, "").strip().lower()
+    if value == "":
+        return None
+    if value not in TRUE_WORDS + FALSE_WORDS:
+        raise ValueError(f"environment variable {name}={os.environ[name]!r}: must be one of "
+                         f"{list(TRUE_WORDS + FALSE_WORDS)!r}")
+    return value in TRUE_WORDS
+
+
+def _env_choice(name: str, valid) -> str | None:
+    value = os.environ.get(name, "").strip()
+    if value == "":
+        return None
+    if value not in valid:
+        raise ValueError(f"environment variable {name}={value!r}: must be one of {list(valid)!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -156,7 +189,7 @@ class RunLoraOptions:
 
     @classmethod
     def from_user(cls, options: Mapping[str, Any] | None) -> "RunLoraOptions":
-        """Validate a user's `options` dict; env variables fill `debug` and `dump_dir`.
+        """Validate a user's `options` dict; environment variables (`ENVIRONMENT`) fill the options not passed.
 
         Anything but a mapping (or None) is the same ValueError as an unknown key. Through
         `torch.compile` a falsy value (`options=False`, `{}`, `0`) never arrives here: torch drops it
@@ -202,6 +235,10 @@ class RunLoraOptions:
         kwargs.setdefault("strict", _truthy_env(ENV_STRICT))
         if os.environ.get(ENV_DUMP_DIR):
             kwargs.setdefault("dump_dir", os.environ[ENV_DUMP_DIR])
+        for key, value in (("rewrite", _env_switch(ENV_REWRITE)), ("criterion", _env_choice(ENV_CRITERION, CRITERIA)),
+                           ("forms", _env_choice(ENV_FORMS, FORMS_CHOICES))):
+            if value is not None:
+                kwargs.setdefault(key, value)
         return cls(inductor=inductor_patches, **kwargs)
 
 

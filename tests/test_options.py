@@ -198,3 +198,40 @@ def test_disabling_add_narrow_base_widens_the_base_and_accumulates_onto_it(monke
             for n in forward.nodes if n.op == "call_function")
         torch._dynamo.reset()
     assert accumulates_onto_cast == {(): False, ("add_narrow_base",): True}
+
+
+# --- environment variables: the options a Trainer user reaches without code ---------------------------------
+
+@pytest.mark.parametrize("variable,value,option,expected", [
+    ("RUNLORA_REWRITE", "0", "rewrite", False), ("RUNLORA_REWRITE", "off", "rewrite", False),
+    ("RUNLORA_REWRITE", "1", "rewrite", True), ("RUNLORA_CRITERION", "roofline", "criterion", "roofline"),
+    ("RUNLORA_FORMS", "direct", "forms", "direct"), ("RUNLORA_DUMP_DIR", "/tmp/runlora-dumps", "dump_dir",
+                                                     "/tmp/runlora-dumps"),
+])
+def test_an_environment_variable_sets_its_option_and_an_explicit_option_wins(monkeypatch, variable, value, option,
+                                                                            expected):
+    monkeypatch.setenv(variable, value)
+    assert getattr(RunLoraOptions.from_user(None), option) == expected
+    explicit = {"rewrite": True, "criterion": "flops", "forms": "measured", "dump_dir": "/elsewhere"}[option]
+    assert getattr(RunLoraOptions.from_user({option: explicit}), option) == explicit
+
+
+@pytest.mark.parametrize("variable,value,valid", [
+    ("RUNLORA_REWRITE", "maybe", "['1', 'true', 'yes', 'on', '0', 'false', 'no', 'off']"),
+    ("RUNLORA_CRITERION", "fastest", "['flops', 'roofline', 'time']"),
+    ("RUNLORA_FORMS", "transposed", "['measured', 'direct']"),
+])
+def test_a_bad_environment_value_is_an_error_naming_the_valid_ones(monkeypatch, variable, value, valid):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError) as info:
+        RunLoraOptions.from_user({})
+    assert f"{variable}={value!r}" in str(info.value) and valid in str(info.value)
+
+
+def test_runlora_rewrite_0_compiles_exactly_like_stock_inductor(monkeypatch):
+    monkeypatch.setenv("RUNLORA_REWRITE", "0")
+    model = peft_linear(16, 24, 4)
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    eager = step(model, x)
+    assert_same_step(eager, step(torch.compile(model, backend="runlora", options={"codegen": False}), x), rtol=1e-5)
+    assert runlora_counters().get("sites_rewritten", 0) == 0
