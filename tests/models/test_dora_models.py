@@ -451,6 +451,27 @@ def test_saved_for_backward_is_at_most_plain_lora_s_plus_one_n_by_o(base_dtype):
 
 # --- PEFT features ----------------------------------------------------------------------------------
 
+def test_two_dora_adapters_active_at_once_the_second_is_left_untouched_with_the_reason():
+    """Two DoRA adapters active on one layer: PEFT sums the second's DoRA output onto the first's, a sum that is
+    no DoRA sum on a base product. The first is rewritten, the second left as stock Inductor compiles it with the
+    reason; the step (Y, dX, A, B, m of both) equals eager PEFT's."""
+    from helpers import assert_same_step, randomize_adapters
+    from peft import LoraConfig
+
+    model = one_dora_linear()
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=3, target_modules=["proj"], use_dora=True))
+    model.base_model.set_adapter(["default", "second"])
+    randomize_adapters(model)
+    x, grad_out = torch.randn(2, 5, 20, requires_grad=True), torch.randn(2, 5, 28)
+    eager = step(model, x, grad_out)
+    with debug.collect_reports() as reports:
+        rewritten = step(runlora(model), x, grad_out)
+    assert_same_step(eager, rewritten, rtol=1e-5, trained=6)
+    assert [(s.adapter, s.kind) for s in sites(reports)] == [("default", "dora")]
+    (untouched,) = skipped(reports)
+    assert untouched.module == "base_model.model.proj" and untouched.reason.startswith("DoRA: ")
+
+
 def test_several_adapters_with_set_adapter():
     from peft import LoraConfig
 
