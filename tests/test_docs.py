@@ -29,6 +29,7 @@ one machine. ```python blocks are only parsed (they hold placeholders such as `.
 from __future__ import annotations
 
 import ast
+import json
 import importlib.util
 import os
 import re
@@ -415,27 +416,45 @@ def test_the_readme_is_short():
     assert len(README.read_text().splitlines()) <= 180
 
 
-def test_the_readme_headline_numbers_are_the_current_standing_in_benchmarks():
-    measured = section(README.read_text(), "## Measured")
-    (headline,) = tables(measured)
-    assert len(headline) >= 6 and any(r["case"].startswith("llama") for r in headline)
-    standing = standing_rows("CPU with AVX-512")   # the machine the README names
-    for row in headline:
-        same_case = [s for s in standing if s["case"] == row["case"]]
-        assert same_case, f"README headline case {row['case']!r} is not in BENCHMARKS' current standing"
-        assert set(row) == {"case"} | set(README_TO_BENCHMARKS), row.keys()
-        assert any(all(s[README_TO_BENCHMARKS[col]] == row[col] for col in README_TO_BENCHMARKS) for s in same_case), \
-            f"README headline {row} differs from BENCHMARKS {same_case}"
-    prose = "\n".join(line for line in measured.splitlines() if not line.startswith("|"))
-    bench_text = BENCHMARKS.read_text()
+MATRIX_START = "<!-- the output of scripts/will_it_help.py (tests/test_docs.py checks it) -->"
+MATRIX_END = "<!-- end of scripts/will_it_help.py's output -->"
+
+
+def will_it_help():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("will_it_help", ROOT / "scripts" / "will_it_help.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_readme_matrix_is_what_the_script_prints_from_the_raw_results():
+    """The "Will it help you?" matrix and its sentence are scripts/will_it_help.py's output, exactly; the
+    section's prose states no number the script does not print."""
+    text = README.read_text()
+    block = text.split(MATRIX_START)[1].split(MATRIX_END)[0].strip()
+    printed = "\n".join(will_it_help().readme_block())
+    assert block == printed, "README's matrix differs from `python scripts/will_it_help.py`: paste its output"
+    matrix = section(text, "## Will it help you?")
+    prose = matrix.replace(block, "")
     for number in NUMBER.findall(prose):
-        assert number in bench_text, f"README 'Measured' quotes {number!r}, which BENCHMARKS.md does not have"
-    # the machine, the date and the commit are those of the BENCHMARKS subsection the rows come from
-    heading = next(h for h in re.findall(r"^### (CPU with AVX-512.*)$", bench_text, re.M))
-    date, commit = re.search(r"\((\d{4}-\d\d-\d\d), `([0-9a-f]{7,})`\)", heading).groups()
-    for fact in (date, commit, "AVX-512", "torch 2.13.0+cpu"):
-        assert fact in measured, f"README 'Measured' does not name {fact!r}"
-    assert "docs/BENCHMARKS.md" in measured and re.search(r"no GPU", measured, re.I)
+        assert number in printed, f"README 'Will it help you?' states {number!r}, which the script does not print"
+    assert re.search(r"no GPU has been measured", matrix, re.I) and "docs/BENCHMARKS.md" in matrix
+
+
+def test_the_matrix_reads_kept_memory_runs_as_kept_and_default_malloc_runs_as_default():
+    module = will_it_help()
+    rows = module.SOURCES
+    assert len(rows) >= 10 and all(row.kept or row.default for row in rows)
+    for row in rows:
+        for sources, kept in ((row.kept, True), (row.default, False)):
+            for name, (stock, ours) in sources:
+                data = json.loads((module.RESULTS / name).read_text())
+                assert any("keep-freed" in n for n in data.get("notes", [])) == kept, (row.name, name)
+                assert any(stock in {r["implementation"] for r in c["rows"]} and
+                           ours in {r["implementation"] for r in c["rows"]} for c in data["cases"]), (name, stock, ours)
 
 
 def test_the_readme_main_job_output_is_the_one_benchmarks_keeps():
