@@ -1,7 +1,7 @@
 """The README's "Will it help you?" matrix, from the raw results under docs/results/ (no benchmark runs).
 
-    python scripts/will_it_help.py            # the matrix, as the README holds it
-    python scripts/will_it_help.py --cases    # and every case behind each row
+    python scripts/will_it_help.py              # the matrix, as the README holds it
+    python scripts/will_it_help.py --standing   # BENCHMARKS.md's current standing: every case of each row
 
 Each row is a configuration people run; `SOURCES` names, for each, the raw `runlora-bench` results BENCHMARKS.md
 holds as current — with glibc keeping freed memory (`--keep-freed-memory`) and with its default malloc — and
@@ -164,13 +164,38 @@ def in_short() -> str:
     return f"In short: **{headline()}**. {'. '.join(parts)}."
 
 
-def case_lines() -> list[str]:
+def commands(sources) -> list[str]:
+    seen = []
+    for name, _ in sources:
+        command = json.loads((RESULTS / name).read_text())["command"]
+        if command not in seen:
+            seen.append(command)
+    return seen
+
+
+def standing() -> list[str]:
+    """BENCHMARKS.md's current standing: per row of the matrix, every case with freed memory kept and with
+    default malloc side by side, the raw files and the commands that wrote them."""
     lines = []
     for row in SOURCES:
-        for label, sources in (("kept", row.kept), ("default malloc", row.default)):
-            for c in read_cases(sources):
-                lines.append(f"{row.name} [{label}] {c.title}: {c.speed:.3f}× (A/A {100 * c.noise:.1f} %), "
-                             f"saved {100 * c.memory:+.0f} %, {c.date}")
+        kept = {c.title: c for c in read_cases(row.kept)}
+        default = {c.title: c for c in read_cases(row.default)}
+        lines += [f"### {row.name}", "",
+                  "| case | freed memory kept: speed (A/A) | default malloc: speed (A/A) | saved for backward vs stock |",
+                  "| --- | --- | --- | --- |"]
+        runs: dict[str, list] = {}
+        for case in read_cases(row.kept) + read_cases(row.default):
+            runs.setdefault(case.title, []).append(case)
+        for title in runs:
+            cell = lambda cases: ", ".join(f"{c.speed:.3f}× ({100 * c.noise:.1f} %)" for c in cases) or "—"  # noqa
+            in_kept = [c for c in read_cases(row.kept) if c.title == title]
+            in_default = [c for c in read_cases(row.default) if c.title == title]
+            memory = (in_kept or in_default)[0].memory
+            lines.append(f"| {title} | {cell(in_kept)} | {cell(in_default)} | {100 * memory:+.0f} % |")
+        del kept, default
+        raw = [f"`{name}`" for name, _ in row.kept] + [f"`{name}` (default malloc)" for name, _ in row.default]
+        lines += ["", "Raw (under docs/results/cpu/): " + ", ".join(raw) + ".", "", "```bash"]
+        lines += commands(row.kept + row.default) + ["```", ""]
     return lines
 
 
@@ -181,8 +206,8 @@ def readme_block() -> list[str]:
 
 def main(argv: list[str]) -> None:
     print("\n".join(readme_block()))
-    if "--cases" in argv:
-        print("\n" + "\n".join(case_lines()))
+    if "--standing" in argv:
+        print("\n" + "\n".join(standing()))
 
 
 if __name__ == "__main__":

@@ -12,14 +12,15 @@ checked as written, from the repository root:
   name stages of the script it is given to;
 - the cheap commands are also **run**, exactly as written: every `--help`, `scripts/overhead_table.py`
   (it prints tables from the raw JSON under docs/results/) and `scripts/model_flop_share.py` (a few seconds).
-  Their output is compared with the pages: each row of BENCHMARKS.md's "Current standing" tables must be
-  printed by one of the overhead_table commands of its "How to reproduce" section.
+  Their output is compared with the pages: BENCHMARKS.md's "Current standing" is what
+  `scripts/will_it_help.py --standing` prints, and the history's tables are what its "How to reproduce"
+  commands print.
 
 The expensive commands — the benchmarks themselves, the main job, the whole test suite, `setup.sh`, the
 torch-version script — are checked for existence and flags only, never run here.
 
-Then the README's promises: its headline numbers are the ones in BENCHMARKS.md's current standing (row by
-row, with the machine, date and commit), its pasted output of the main job is the one BENCHMARKS.md keeps,
+Then the README's promises: its matrix and headline are what `scripts/will_it_help.py` prints from the raw
+results, its pasted output of the main job is the one BENCHMARKS.md keeps,
 it stays under 180 lines, its set-up commands are the ones .ci/run runs, and each of the four questions a
 reader comes with is answered by a link to the page that answers it. Finally every relative link (and
 #anchor) in these pages resolves, every test named in docs/supported.md exists, and no page names a path of
@@ -373,27 +374,35 @@ def test_the_cheap_commands_run_as_written():
             assert "usage:" in out, line
 
 
-def standing_rows(machine: str = "") -> list[dict[str, str]]:
-    """The rows of BENCHMARKS.md's current standing; with `machine`, of the subsection whose heading starts so."""
-    standing = section(BENCHMARKS.read_text(), "## Current standing")
-    if machine:
-        (heading,) = [line for line in standing.splitlines() if line.startswith(f"### {machine}")]
-        standing = section(standing, heading)
-    rows = [row for table in tables(standing) for row in table if "case" in row]
-    assert len(rows) >= (6 if machine else 20)
-    return rows
+STANDING_START = "<!-- the output of scripts/will_it_help.py --standing (tests/test_docs.py checks it) -->"
+STANDING_END = "<!-- end of scripts/will_it_help.py --standing's output -->"
 
 
-def test_the_current_standing_is_what_overhead_table_prints_from_the_raw_results():
+def test_the_current_standing_is_what_the_script_prints_from_the_raw_results():
+    """BENCHMARKS.md's current standing is `scripts/will_it_help.py --standing`, exactly: every case of each
+    configuration of the README's matrix, from the raw results it names (a row in History is as it was
+    written, and is not re-checked)."""
+    text = BENCHMARKS.read_text()
+    standing = section(text, "## Current standing")
+    block = standing.split(STANDING_START)[1].split(STANDING_END)[0].strip()
+    assert block == "\n".join(will_it_help().standing()).strip(), \
+        "BENCHMARKS' current standing differs from `python scripts/will_it_help.py --standing`: paste its output"
+    assert len(standing.splitlines()) <= 230 and "## History" in text
+    assert len([row for table in tables(standing) for row in table if "case" in row]) >= 40
+
+
+def test_the_overhead_tables_of_the_history_are_what_their_scripts_print():
+    """The tables the How-to-reproduce commands print (overhead_table, dora_table, qlora_table) are the ones
+    the history keeps, row for row, where the history has that case in those columns."""
     printed = [row for line, out in cheap_outputs().items()
                if any(script in line for script in ("overhead_table.py", "dora_table.py", "qlora_table.py"))
                for table in tables(out) for row in table]
     assert printed, "no overhead_table command in the docs"
-    for row in standing_rows():
-        candidates = [p for p in printed if p.get("case") == row["case"]]
-        assert candidates, f"BENCHMARKS current standing: {row['case']!r} is printed by no command"
-        assert any(all(p.get(col) == value for col, value in row.items()) for p in candidates), \
-            f"BENCHMARKS current standing: {row} differs from every printed row {candidates}"
+    history = section(BENCHMARKS.read_text(), "## History")
+    kept = [row for table in tables(history) for row in table if "case" in row]
+    matched = [row for row in kept if any(all(p.get(col) == value for col, value in row.items()) for p in printed
+                                          if p.get("case") == row["case"])]
+    assert len(matched) >= 20, f"only {len(matched)} history rows are printed by the reproduce commands"
 
 
 def test_the_model_flop_share_quoted_is_what_the_script_prints():
@@ -442,6 +451,20 @@ def test_the_readme_matrix_is_what_the_script_prints_from_the_raw_results():
     for number in NUMBER.findall(prose):
         assert number in printed, f"README 'Will it help you?' states {number!r}, which the script does not print"
     assert re.search(r"no GPU has been measured", matrix, re.I) and "docs/BENCHMARKS.md" in matrix
+
+
+def test_the_headline_and_the_matrix_are_stated_on_one_page():
+    """The headline speedup and the matrix's ranges are the README's, printed by the script; another page that
+    quoted them would drift from it (it links to the README's matrix instead)."""
+    module = will_it_help()
+    speed = re.compile(r"\d+\.\d+–\d+\.\d+×|\d+\.\d{3}×")   # a row's range, or the headline's geomean
+    numbers = set(speed.findall("\n".join(module.readme_block())))
+    headline = re.search(r"[\d.]+×", module.headline()).group(0)
+    assert README.read_text().count(headline) == 1 and headline in numbers and len(numbers) >= 8
+    for page in (DOCS / "guide.md", DOCS / "supported.md", DOCS / "design.md"):
+        prose = outside_fences(page.read_text())
+        quoted = sorted(n for n in set(speed.findall(prose)) if n in numbers)
+        assert headline not in prose and not quoted, f"{page.name} quotes the matrix's {quoted or headline}"
 
 
 def test_the_matrix_reads_kept_memory_runs_as_kept_and_default_malloc_runs_as_default():
