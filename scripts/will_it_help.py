@@ -12,7 +12,7 @@ which of each file's implementations are stock Inductor and runlora on that conf
     noise    |1 − inductor-again / inductor|: the same model timed twice in the same rounds (the A/A)
     memory   runlora's bytes saved for backward / stock Inductor's, as a change
 A row's verdict: "faster" where every kept-memory case is faster than its noise, "not faster" where none is,
-"mixed" otherwise (the default-malloc figure where no kept-memory run exists). tests/test_docs.py checks that the
+"in some cases" otherwise (the default-malloc figure where no kept-memory run exists). tests/test_docs.py checks that the
 README holds exactly this script's output.
 """
 
@@ -122,7 +122,7 @@ def verdict(cases: list[Case]) -> str:
         return "faster"
     if not any(c.faster for c in cases):
         return "**not faster**"
-    return "mixed"
+    return "in some cases"
 
 
 def memories(cases: list[Case]) -> str:
@@ -158,7 +158,7 @@ def in_short() -> str:
     for row in SOURCES:
         by_verdict.setdefault(verdict(read_cases(row.kept) or read_cases(row.default)).strip("*"), []).append(row.name)
     parts = [f"{label}: {'; '.join(by_verdict[key])}" for key, label in
-             (("faster", "Faster in every case"), ("mixed", "Faster in some cases"),
+             (("faster", "Faster in every case"), ("in some cases", "Faster in some cases"),
               ("not faster", "**Not faster in any case**"))
              if by_verdict.get(key)]
     return f"In short: **{headline()}**. {'. '.join(parts)}."
