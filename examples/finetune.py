@@ -392,9 +392,9 @@ def runlora_summary(counters: dict | None) -> str:
                f"sites in {graphs} graph(s) (backward rewritten at {counters.get('backward_rewritten', 0)}); "
                f"chose {chosen or 'nothing'}{served}{failed}")
     from lora_rewrite import compat
-    from lora_rewrite.explain import graph_break_summary
+    from lora_rewrite.explain import dynamo_break_reasons, graph_break_summary
 
-    breaks = graph_break_summary(dict(compat.dynamo_counters()["graph_break"]))
+    breaks = graph_break_summary(dynamo_break_reasons(compat.dynamo_counters()))
     if breaks:   # a LoRA layer in a function Dynamo skipped is in no graph: where, lora_rewrite.explain says
         summary += ("\nDynamo broke the graph (a LoRA layer in a function it skips is in no graph; "
                     "lora_rewrite.explain(model, batch) says where):\n  " + "\n  ".join(breaks))

@@ -392,12 +392,13 @@ def _log_new_graph_breaks() -> None:
     """With debug on, the graph breaks Dynamo met since the last report, with their known fixes: a LoRA layer in
     a function Dynamo skipped is in no graph, and no report of runlora's names it (explain() says where)."""
     from lora_rewrite.compat import dynamo_counters
-    from lora_rewrite.explain import graph_break_summary
+    from lora_rewrite.explain import dynamo_break_reasons, graph_break_summary
 
+    reasons = dynamo_break_reasons(dynamo_counters())
     new = {reason: count - _breaks_logged.get(reason, 0)
-           for reason, count in dynamo_counters()["graph_break"].items() if count > _breaks_logged.get(reason, 0)}
+           for reason, count in reasons.items() if count > _breaks_logged.get(reason, 0)}
     if new:
-        _breaks_logged.update(dynamo_counters()["graph_break"])
+        _breaks_logged.update(reasons)
         log.info("runlora: Dynamo broke the graph before this report (a LoRA layer in a function it skips is in no "
                  "graph; lora_rewrite.explain(model, batch) says where):\n  %s", "\n  ".join(graph_break_summary(new)))
 

@@ -80,6 +80,18 @@ def known_fix(reason: str) -> str | None:
     return next((fix for words, fix in KNOWN_CAUSES if any(w in text for w in words)), None)
 
 
+SKIPPED = "Dynamo skipped a whole frame (it runs eagerly, every LoRA layer in it outside any graph): "
+
+
+def dynamo_break_reasons(counters) -> dict:
+    """The breaks of a run, from Dynamo's counters: its graph breaks (`counters["graph_break"]`), and the frames
+    it gave up on (`counters["unimplemented"]`: a break it could not resume from, the recompile limit), those
+    marked `SKIPPED`. Reason → how many times."""
+    reasons = dict(counters.get("graph_break", {}))
+    reasons.update({SKIPPED + reason: count for reason, count in counters.get("unimplemented", {}).items()})
+    return reasons
+
+
 def graph_break_summary(reasons: dict) -> list[str]:
     """The graph breaks of a run, from Dynamo's counters (`counters["graph_break"]`: reason → how many times),
     one line each, with the known fix where there is one: what a run's summary and the debug log say. Where

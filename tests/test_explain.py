@@ -336,3 +336,18 @@ def test_an_unknown_cause_has_no_fix():
     from lora_rewrite.explain import known_fix
 
     assert known_fix("Call to a C extension Dynamo cannot trace") is None
+
+
+def test_the_recompile_limit_is_in_the_run_summary_with_its_fix():
+    """Past Dynamo's recompile limit a frame runs eagerly for good, its LoRA layers with it: no report of runlora's
+    can say so (nothing is compiled any more), the run's summary does, from Dynamo's counters."""
+    from lora_rewrite.explain import dynamo_break_reasons, graph_break_summary
+
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(peft_linear(16, 24, 4), backend="runlora", dynamic=False, options={"codegen": False})
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for tokens in (3, 4, 5):
+            compiled(torch.randn(2, tokens, 16, requires_grad=True)).sum().backward()
+    lines = graph_break_summary(dynamo_break_reasons(torch._dynamo.utils.counters))
+    (limit,) = [line for line in lines if "recompile limit" in line.lower()]
+    assert limit.startswith("Dynamo skipped a whole frame") and "torch._dynamo.config.recompile_limit" in limit
