@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
 import torch
 
 from lora_rewrite import compat, debug

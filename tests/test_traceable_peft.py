@@ -141,22 +141,23 @@ def test_the_stand_ins_are_registered_once_and_peft_modules_are_untouched():
 
     from peft.tuners.lora.dora import DoraLinearLayer
 
+    import importlib
     import importlib.util
     import sys
 
     if importlib.util.find_spec("kernels") is not None:   # transformers 5.25 and later bring it
-        import kernels._internals.layer.layer  # noqa: F401
+        importlib.import_module("kernels._internals.layer.layer")
     assert traceable_peft.install() is True and traceable_peft.install() is True
     pefts_cache_clear = DoraLinearLayer._cache_clear.runlora_stand_in_for
     assert traceable_peft.is_pefts_cache_clear(pefts_cache_clear)
     pefts = {integrations.dequantize_module_weight, other.transpose, pefts_cache_clear}
-    kernels = set()
+    kernels_methods = set()
     if "kernels._internals.layer.layer" in sys.modules:
         context_var = sys.modules["kernels._internals.layer.layer"].CompileableContextVar
-        kernels = {context_var.set.runlora_stand_in_for, context_var.reset.runlora_stand_in_for}
-        assert all(traceable_peft.is_kernels_context_var_method(m) for m in kernels)
-    assert len(traceable_peft._installed) == len(pefts) + len(kernels)   # each once
-    assert set(traceable_peft._installed) == pefts | kernels
+        kernels_methods = {context_var.set.runlora_stand_in_for, context_var.reset.runlora_stand_in_for}
+        assert all(traceable_peft.is_kernels_context_var_method(m) for m in kernels_methods)
+    assert len(traceable_peft._installed) == len(pefts) + len(kernels_methods)   # each once
+    assert set(traceable_peft._installed) == pefts | kernels_methods
 
 
 @pytest.mark.parametrize("kind", ["parameter", "tensor", "no fan_in_fan_out"])
