@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+
 import torch
 
 from lora_rewrite import compat, debug
