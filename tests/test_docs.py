@@ -51,7 +51,7 @@ BENCHMARKS = DOCS / "BENCHMARKS.md"
 
 # Commands that run in a few seconds, so the test runs them as written.
 CHEAP_SCRIPTS = ("scripts/overhead_table.py", "scripts/dora_table.py", "scripts/qlora_table.py",
-                 "scripts/model_flop_share.py")
+                 "scripts/model_flop_share.py", "scripts/mixed_precision_floor.py")
 # Programs a documented command may call besides ours; they are not checked further.
 PLAIN_PROGRAMS = {"cd", "mktemp", "pip"}
 PYTHONS = {".venv/bin/python", "python", "python3"}
@@ -412,6 +412,21 @@ def test_the_model_flop_share_quoted_is_what_the_script_prints():
     case, share = m.group(1), float(m.group(2))
     rows = [line for line in BENCHMARKS.read_text().splitlines() if line.startswith(f"| {case} |")]
     assert any(f"| {share:.1f} % |" in row for row in rows), (case, share, rows)
+
+
+def test_the_mixed_precision_floor_is_what_the_script_prints():
+    """The floor table for PEFT's fp32 adapters on a bf16 model is the script's output from the raw results it
+    names, row for row (its first line, the GEMM this machine's torch has, is said in the prose)."""
+    out = next(out for line, out in cheap_outputs().items() if "mixed_precision_floor.py" in line)
+    rows = [line for line in out.splitlines() if line.startswith("| i=")]
+    assert rows, out
+    text = BENCHMARKS.read_text()
+    heading = next(line for line in text.splitlines() if line.startswith("## The floor for PEFT's fp32 adapters"))
+    floor = section(text, heading)
+    for row in rows:
+        assert row in floor.splitlines(), row
+    if "CPU: no" in out:
+        assert "torch 2.13 has no such GEMM on the CPU" in floor
 
 
 # --- the README -------------------------------------------------------------------------------------

@@ -27,21 +27,31 @@ DEFAULT_IMPLS = ("eager", "inductor", "runlora", "frozen")
 # inductor-again: stock Inductor timed a second time in the same rounds, so its difference to
 # `inductor` is this machine's noise (the protocol: a difference smaller than that is noise).
 KNOWN_IMPLS = ("eager", "inductor", "inductor-again", "runlora", "frozen", "inductor-breaks", "inductor-lora",
-               "runlora-lora")
+               "runlora-lora", "inductor-base-dtype", "runlora-base-dtype")
 # --dora: PEFT DoRA adapters. inductor-breaks: stock Inductor on DoRA as users get it without lora_rewrite's
 # stand-in (a graph break in every DoRA layer); inductor: stock Inductor with the stand-in (one graph, the
 # fair baseline); inductor-lora / runlora-<criterion>-lora: plain LoRA of the same shapes, the price DoRA
 # should cost.
 DORA_DEFAULT_IMPLS = ("eager", "inductor-breaks", "inductor", "runlora", "inductor-lora", "runlora-lora", "frozen")
+# --fp32-adapters: inductor-base-dtype / runlora-<criterion>-base-dtype run on a twin of the model whose adapters
+# are in the model's dtype (PEFT's autocast_adapter_dtype=False), the price the fp32 adapters should cost.
+FP32_ADAPTERS_EXTRA_IMPLS = ("inductor-base-dtype", "runlora-base-dtype")
 AUTOCAST_SUFFIX = " autocast(bf16)"   # a case title's mark for --autocast
 CHECKPOINTING_SUFFIX = " checkpointed"   # a case title's mark for --gradient-checkpointing
 LORA_SUFFIX = "-lora"   # an implementation run on the plain-LoRA twin of a --dora model
+BASE_DTYPE_SUFFIX = "-base-dtype"   # an implementation run on the twin with adapters in the model's dtype
+TWIN_SUFFIXES = (LORA_SUFFIX, BASE_DTYPE_SUFFIX)
 # runlora-<criterion>-unfused: runlora with fuse_siblings off, to time the sibling fusion by itself.
 UNFUSED_SUFFIX = "-unfused"
 # runlora-<criterion>-direct: every product in its default form (options forms="direct"), to time the
 # measured product forms (lora_rewrite/forms.py) by themselves.
 DIRECT_SUFFIX = "-direct"
-SUFFIXES = (UNFUSED_SUFFIX, DIRECT_SUFFIX, LORA_SUFFIX)
+SUFFIXES = (UNFUSED_SUFFIX, DIRECT_SUFFIX, LORA_SUFFIX, BASE_DTYPE_SUFFIX)
+
+
+def twin_suffix(name: str) -> str | None:
+    """Which twin model an implementation runs on (`-lora`, `-base-dtype`), or None: the model itself."""
+    return next((suffix for suffix in TWIN_SUFFIXES if name.endswith(suffix)), None)
 
 
 def _criterion_of(name: str) -> str:
@@ -100,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="eager, inductor, runlora (one row per criterion), frozen; runlora-<criterion> also works; "
                           "inductor-again times stock Inductor a second time: its difference to inductor is noise; "
                           "runlora-<criterion>-unfused runs without the sibling fusion, "
-                          "runlora-<criterion>-direct with every product in its default form")
+                          "runlora-<criterion>-direct with every product in its default form; with --fp32-adapters "
+                          "on a bf16 model the default adds inductor-base-dtype and runlora-base-dtype, the same "
+                          "model with its adapters in bf16 (the price the fp32 adapters should cost)")
     how.add_argument("--criterions", nargs="+", default=["flops"], choices=CRITERIA,
                      help="runlora criteria, one row each; default flops")
     how.add_argument("--runlora-options", default=None, help="extra runlora options as JSON, e.g. "
@@ -144,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(parser: argparse.ArgumentParser, args) -> None:
     if args.impls is None:
         args.impls = list(DORA_DEFAULT_IMPLS if args.dora else DEFAULT_IMPLS)
+        if args.fp32_adapters and args.dtype != "fp32":
+            args.impls[-1:-1] = FP32_ADAPTERS_EXTRA_IMPLS   # before the frozen floor
+    base_dtype = [n for n in args.impls if n.endswith(BASE_DTYPE_SUFFIX)]
+    if base_dtype and not (args.fp32_adapters and args.dtype != "fp32"):
+        parser.error(f"{', '.join(base_dtype)} compare fp32 adapters with adapters in the model's dtype: give "
+                     f"--fp32-adapters on a 16-bit model (--dtype bf16)")
     dora_only = [n for n in args.impls if n == "inductor-breaks" or n.endswith(LORA_SUFFIX)]
     if dora_only and not args.dora:
         parser.error(f"{', '.join(dora_only)} compare against DoRA: give --dora")
@@ -175,7 +193,8 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
         if name not in KNOWN_IMPLS and (not name.startswith("runlora-") or _criterion_of(name) not in CRITERIA):
             parser.error(f"unknown implementation {name!r}; known: {', '.join(KNOWN_IMPLS)}, "
                          f"runlora-<criterion> with a criterion of {', '.join(CRITERIA)}, "
-                         f"runlora-<criterion>{UNFUSED_SUFFIX}, runlora-<criterion>{DIRECT_SUFFIX}")
+                         f"runlora-<criterion>{UNFUSED_SUFFIX}, runlora-<criterion>{DIRECT_SUFFIX}, "
+                         f"runlora-<criterion>{LORA_SUFFIX}, runlora-<criterion>{BASE_DTYPE_SUFFIX}")
 
 
 def implementation_names(impls, criterions) -> list[str]:
@@ -183,8 +202,9 @@ def implementation_names(impls, criterions) -> list[str]:
     names: list[str] = []
     for name in impls:
         expanded = [f"runlora-{c}" for c in criterions] if name == "runlora" else [name]
-        if name == "runlora" + LORA_SUFFIX:
-            expanded = [f"runlora-{c}{LORA_SUFFIX}" for c in criterions]
+        for suffix in TWIN_SUFFIXES:
+            if name == "runlora" + suffix:
+                expanded = [f"runlora-{c}{suffix}" for c in criterions]
         names += [n for n in expanded if n not in names]
     return names
 
@@ -249,15 +269,17 @@ def model_case(args, device, dtype, extra_options, on_step):
         base = models.quantize_4bit(base, targets, dtype)
     frozen = copy.deepcopy(base).requires_grad_(False)
     names = implementation_names(args.impls, args.criterions)
-    lora_twin = copy.deepcopy(base) if any(n.endswith(LORA_SUFFIX) for n in names) else None
+    twin_bases = {suffix: copy.deepcopy(base) for suffix in TWIN_SUFFIXES if any(twin_suffix(n) == suffix for n in names)}
     peft_model = models.add_lora(base, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                  target_modules=targets, fp32_adapters=args.fp32_adapters, seed=args.seed,
                                  use_dora=args.dora)
-    if lora_twin is not None:
-        lora_twin = models.add_lora(lora_twin, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                                    target_modules=targets, fp32_adapters=args.fp32_adapters, seed=args.seed)
+    twins = {suffix: models.add_lora(twin, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                                     target_modules=targets, seed=args.seed,
+                                     fp32_adapters=args.fp32_adapters and suffix != BASE_DTYPE_SUFFIX,
+                                     use_dora=args.dora and suffix != LORA_SUFFIX)
+             for suffix, twin in twin_bases.items()}
     if args.gradient_checkpointing:
-        for model in (frozen, peft_model, lora_twin):
+        for model in (frozen, peft_model, *twins.values()):
             if model is not None:
                 models.enable_gradient_checkpointing(model)
     inputs = models.make_model_inputs(spec, batch, seq_len, device, seed=args.seed, frozen_model=frozen)
@@ -267,7 +289,7 @@ def model_case(args, device, dtype, extra_options, on_step):
             step = models.model_loss_step(compile_for(name, frozen, args, extra_options), inputs.frozen_step_kwargs)
             module, is_runlora = frozen, False
         else:
-            module = lora_twin if name.endswith(LORA_SUFFIX) else peft_model
+            module = twins.get(twin_suffix(name), peft_model)
             step = models.model_loss_step(compile_for(name, module, args, extra_options), inputs.lora_step_kwargs)
             if name == "inductor-breaks":
                 step = models.with_dora_graph_breaks(step)
@@ -299,9 +321,10 @@ def model_case(args, device, dtype, extra_options, on_step):
                                       element_size=torch.empty((), dtype=dtype).element_size())
     if args.bits4:
         notes += report.qlora_verdicts(rows, tokens=batch * seq_len, adapters=models.lora_adapter_ranks(peft_model))
+    notes += report.fp32_adapter_verdicts(rows)
     case = report.Case(title, settings, rows, notes)
     map_points = {shape: [(batch * seq_len, args.lora_r)] for shape in settings["lora_shapes"]}
-    del impls, peft_model, frozen, base
+    del impls, peft_model, frozen, base, twins, twin_bases
     compat.reset_dynamo()
     return case, map_points
 
@@ -334,12 +357,12 @@ def layer_case(shape, args, device, dtype, extra_options, on_step):
     inputs = layer.make_layer_inputs(shape, dtype=dtype, device=device, seed=args.seed)
     lora_loss = layer.ProbeLoss(peft_model, inputs.probe)
     frozen_loss = layer.ProbeLoss(frozen, inputs.probe)
-    twin_loss = None
-    if any(n.endswith(LORA_SUFFIX) for n in names):
-        twin_loss = layer.ProbeLoss(layer.build_layer_models(shape, **build)[0], inputs.probe)
+    twin_builds = {LORA_SUFFIX: build, BASE_DTYPE_SUFFIX: {**build, "fp32_adapters": False, "use_dora": args.dora}}
+    twin_losses = {suffix: layer.ProbeLoss(layer.build_layer_models(shape, **twin_builds[suffix])[0], inputs.probe)
+                   for suffix in TWIN_SUFFIXES if any(twin_suffix(n) == suffix for n in names)}
     impls = []
     for name in names:
-        module = frozen_loss if name == "frozen" else twin_loss if name.endswith(LORA_SUFFIX) else lora_loss
+        module = frozen_loss if name == "frozen" else twin_losses.get(twin_suffix(name), lora_loss)
         step = layer.layer_loss_step(compile_for(name, module, args, extra_options), inputs)
         if name == "inductor-breaks":
             from lora_rewrite.bench.models import with_dora_graph_breaks
@@ -364,8 +387,9 @@ def layer_case(shape, args, device, dtype, extra_options, on_step):
         from lora_rewrite.bench.models import lora_adapter_ranks
 
         notes += report.qlora_verdicts(rows, tokens=shape.tokens, adapters=lora_adapter_ranks(peft_model))
+    notes += report.fp32_adapter_verdicts(rows)
     case = report.Case(f"{shape.label} {args.dtype}{AUTOCAST_SUFFIX if args.autocast else ''}", settings, rows, notes)
-    del impls, peft_model, frozen, lora_loss, frozen_loss, twin_loss
+    del impls, peft_model, frozen, lora_loss, frozen_loss, twin_losses
     compat.reset_dynamo()
     return case
 

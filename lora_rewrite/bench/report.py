@@ -205,20 +205,35 @@ def write_json(path, cases: Sequence[Case], meta: dict) -> None:
         f.write("\n")
 
 
+TWIN_SUFFIXES = ("-lora", "-base-dtype")   # rows timed on a twin of the model (lora_rewrite/bench/__main__.py)
+
+
+def _runlora_row(rows: Sequence[Row], twin: str | None = None) -> Row | None:
+    """The first runlora row on the model itself (`twin` None) or on the twin with that suffix."""
+    for row in rows:
+        if not row.implementation.startswith("runlora"):
+            continue
+        suffix = next((s for s in TWIN_SUFFIXES if row.implementation.endswith(s)), None)
+        if suffix == twin:
+            return row
+    return None
+
+
+def _overhead(row: Row | None) -> float | None:
+    """`× frozen − 1`: what the adapters cost over the frozen floor of the same run."""
+    return None if row is None or row.ratio_to_frozen is None else row.ratio_to_frozen - 1
+
+
 def dora_verdicts(rows: Sequence[Row], *, tokens: int, out_features: Sequence[int], element_size: int) -> list[str]:
     """The DoRA targets, read off one case's rows (each overhead is `× frozen − 1` of the same run):
     runlora's DoRA overhead at most stock Inductor's plain-LoRA overhead, at most half of stock
     Inductor's DoRA overhead, within 0.05 of runlora's own plain-LoRA overhead; bytes saved for backward
     at most stock Inductor's plain-LoRA bytes plus one [N,o] per DoRA site."""
     by_name = {r.implementation: r for r in rows}
-    runlora = next((r for r in rows if r.implementation.startswith("runlora") and not r.implementation.endswith("-lora")), None)
-    runlora_lora = next((r for r in rows if r.implementation.startswith("runlora") and r.implementation.endswith("-lora")), None)
+    runlora, runlora_lora = _runlora_row(rows), _runlora_row(rows, "-lora")
     if runlora is None or runlora.ratio_to_frozen is None:
         return []
-
-    def overhead(row):
-        return None if row is None or row.ratio_to_frozen is None else row.ratio_to_frozen - 1
-
+    overhead = _overhead
     ours = overhead(runlora)
     lines = [f"DoRA: {runlora.implementation} overhead over frozen {ours:+.3f}"]
     checks = [("stock Inductor's plain-LoRA overhead", overhead(by_name.get("inductor-lora")), 1.0, 0.0),
@@ -244,7 +259,7 @@ def qlora_verdicts(rows: Sequence[Row], *, tokens: int, adapters: Sequence[tuple
     one [N,r] (X·Aᵀ, never saved by runlora) per site. `adapters` is (r, element size of X·Aᵀ) per site."""
     by_name = {r.implementation: r for r in rows}
     inductor, again = by_name.get("inductor"), by_name.get("inductor-again")
-    runlora = next((r for r in rows if r.implementation.startswith("runlora")), None)
+    runlora = _runlora_row(rows)
     if runlora is None or inductor is None:
         return []
     slower = runlora.median_ms / inductor.median_ms - 1
@@ -259,4 +274,25 @@ def qlora_verdicts(rows: Sequence[Row], *, tokens: int, adapters: Sequence[tuple
         lines.append(f"  saved for backward {runlora.saved_for_backward_mb:.1f} MB: limit {bound:.1f} MB (stock "
                      f"Inductor {inductor.saved_for_backward_mb:.1f} MB − one [N,r] per site, {len(adapters)} "
                      f"sites) -> {verdict}")
+    return lines
+
+
+def fp32_adapter_verdicts(rows: Sequence[Row]) -> list[str]:
+    """The price of fp32 adapters on a 16-bit model, read off one case's rows where the twin with adapters in
+    the model's dtype ran beside it (`-base-dtype`): each implementation's overhead over the frozen floor with
+    fp32 adapters and with base-dtype adapters, and whether runlora's fp32-adapter overhead is within 0.05 of
+    its own base-dtype overhead (issue 32's stretch target)."""
+    by_name = {r.implementation: r for r in rows}
+    runlora, runlora_twin = _runlora_row(rows), _runlora_row(rows, "-base-dtype")
+    pairs = [("stock Inductor", by_name.get("inductor"), by_name.get("inductor-base-dtype")),
+             ("runlora", runlora, runlora_twin)]
+    lines = []
+    for who, fp32, twin in pairs:
+        if _overhead(fp32) is not None and _overhead(twin) is not None:
+            lines.append(f"fp32 adapters: {who} overhead over frozen {_overhead(fp32):+.3f}, with adapters in the "
+                         f"model's dtype {_overhead(twin):+.3f}: the fp32 adapters cost {_overhead(fp32) - _overhead(twin):+.3f}")
+    if _overhead(runlora) is not None and _overhead(runlora_twin) is not None:
+        price = _overhead(runlora) - _overhead(runlora_twin)
+        lines.append(f"  runlora's fp32 adapters within 0.05 of its base-dtype overhead: "
+                     f"{'met' if price <= 0.05 else 'MISSED'}")
     return lines

@@ -101,6 +101,33 @@ def test_autocast_runs_every_forward_under_bf16_autocast(tmp_path, capsys):
     assert all(k.startswith("dora-forward1/") for k in rows["runlora-flops"]["variants"]["choices"])
 
 
+def test_fp32_adapters_are_timed_beside_the_same_model_with_adapters_in_its_dtype(tmp_path, capsys):
+    """--fp32-adapters on a bf16 model: by default the same run also times stock Inductor and runlora on a twin
+    whose adapters are in bf16 (PEFT's autocast_adapter_dtype=False), and the notes give each one's overhead
+    over the frozen floor both ways. The twin really has bf16 adapters: runlora merges there (forced forward2 is
+    legal), which a dtype split forbids on the fp32-adapter model. Without --fp32-adapters the twin rows are refused."""
+    prefix = tmp_path / "fp32_adapters"
+    assert main(["--layer", "--in", "32", "--tokens", "64", "--rank", "4", "--dtype", "bf16", "--fp32-adapters",
+                 "--runlora-options", '{"forward": "forward2", "backward": "backward5"}',
+                 "-o", str(prefix), *SMOKE]) == 0
+    capsys.readouterr()
+    csv_rows, data = _read_outputs(prefix)
+    assert [r["implementation"] for r in csv_rows] == ["eager", "inductor", "runlora-flops", "inductor-base-dtype",
+                                                       "runlora-flops-base-dtype", "frozen"]
+    (case,) = data["cases"]
+    rows = {r["implementation"]: r for r in case["rows"]}
+    assert rows["runlora-flops"]["sites_rewritten"] == rows["runlora-flops-base-dtype"]["sites_rewritten"] == 1
+    assert all(k.startswith("forward1/") for k in rows["runlora-flops"]["variants"]["choices"])
+    assert all(k.startswith("forward2/") for k in rows["runlora-flops-base-dtype"]["variants"]["choices"])
+    notes = "\n".join(case["notes"])
+    for who in ("stock Inductor", "runlora"):
+        assert f"fp32 adapters: {who} overhead over frozen" in notes
+    assert "within 0.05 of its base-dtype overhead: " in notes
+    with pytest.raises(SystemExit):
+        main(["--layer", "--in", "32", "--tokens", "64", "--rank", "4", "--impls", "runlora-base-dtype", *SMOKE])
+    assert "give --fp32-adapters on a 16-bit model" in capsys.readouterr().err
+
+
 def test_gradient_checkpointing_checkpoints_every_model_and_dora_is_rewritten_inside(tmp_path, capsys):
     """--gradient-checkpointing: the case is marked, its settings say so, and runlora rewrites every DoRA
     site of the checkpointed decoder layers — which it can only when they are traced (PEFT's cache clear
