@@ -233,7 +233,10 @@ def test_a_layer_a_skipped_checkpoint_kept_out_is_named_with_the_break_and_its_f
     assert layer.module == "base_model.model.block.proj"
     assert "Dynamo broke the graph" in layer.reason and "known fix" in layer.reason
     (side_effect,) = [b for b in report.graph_breaks if "side effect" in b.reason.lower()]
-    assert side_effect.where.endswith(f"test_explain.py:{Checkpointed.forward.__code__.co_firstlineno + 1}")
+    # torch 2.13 names the checkpoint call, torch 2.12 the mutation inside the checkpointed block
+    lines = {Checkpointed.forward.__code__.co_firstlineno + 1, MutatingBlock.forward.__code__.co_firstlineno + 1}
+    assert side_effect.where.rpartition(":")[0].endswith("test_explain.py") and \
+        int(side_effect.where.rpartition(":")[2]) in lines, side_effect.where
     assert "skip_fwd_side_effects_in_bwd_under_checkpoint" in side_effect.fix
     text = str(report)
     assert "Dynamo broke the graph in" in text and side_effect.line() in text
