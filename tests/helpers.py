@@ -198,14 +198,16 @@ def runlora_counters() -> dict:
 
 
 class Autocast(nn.Module):
-    """Runs the wrapped model under torch.autocast(bfloat16) on the CPU."""
+    """Runs the wrapped model under torch.autocast on the CPU: bfloat16 (Trainer(bf16=True)) by default,
+    float16 for Trainer(fp16=True)."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, dtype=torch.bfloat16):
         super().__init__()
         self.inner = inner
+        self.dtype = dtype
 
     def forward(self, x):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=self.dtype):
             return self.inner(x)
 
 

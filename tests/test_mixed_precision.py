@@ -14,21 +14,9 @@ import pytest
 import torch
 
 from lora_rewrite import debug
-from tests.helpers import assert_close_to, float64_reference, peft_linear, runlora, step
+from tests.helpers import Autocast, assert_close_to, float64_reference, peft_linear, runlora, step
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*GradScaler.*:UserWarning")
-
-
-class Fp16Autocast(torch.nn.Module):
-    """Runs the wrapped model under torch.autocast(float16) on the CPU, as Trainer(fp16=True) runs it."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        with torch.autocast("cpu", dtype=torch.float16):
-            return self.inner(x)
 
 
 def _trainable(model):
@@ -65,10 +53,10 @@ def test_fp16_autocast_with_grad_scaler(overflow):
     initial = {n: p.detach().clone() for n, p in _trainable(model).items()}
     init_scale, steps = (2.0 ** 100, 1) if overflow else (2.0 ** 8, 3)
 
-    eager_model = Fp16Autocast(copy.deepcopy(model))
+    eager_model = Autocast(copy.deepcopy(model), torch.float16)
     want, want_scale, want_grads = _scaled_sgd_steps(eager_model, x, probe, init_scale=init_scale, steps=steps)
     with debug.collect_reports() as reports:
-        compiled = runlora(Fp16Autocast(copy.deepcopy(model)))
+        compiled = runlora(Autocast(copy.deepcopy(model), torch.float16))
         got, got_scale, got_grads = _scaled_sgd_steps(compiled, x, probe, init_scale=init_scale, steps=steps)
 
     site_reports = [s for r in reports for s in r.sites]
